@@ -1,0 +1,47 @@
+# vispo: `make test` and `make demo` are the two set-up commands; both install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vispo-installed
+THREADS ?= 2
+
+.PHONY: install test test-slow lint demo bench clean
+
+install: $(STAMP)
+
+# Torch comes first and is pinned as a constraint for the rest, so no dependency can
+# swap in a CUDA build (or torchvision) on a CPU machine. A torch already importable by
+# $(PYTHON) (a GPU machine's own build) is kept: the venv then sees the system packages.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "vispo: keeping the torch that $(PYTHON) already has"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m ruff check vispo tests benchmarks
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest
+
+test-slow: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -m slow
+
+lint: install
+	$(PY) -m ruff check vispo tests benchmarks
+
+demo: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m vispo.demo
+
+bench: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
