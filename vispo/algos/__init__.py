@@ -1,0 +1,69 @@
+"""Pure tensor math of vispo's objectives (imports only torch).
+
+Every formula of ``shared/algorithms.md`` sections 1-7 lives here as a function of tensors and
+plain numbers; :mod:`vispo.algos.objective` composes them into the training objective.
+"""
+
+from .advantages import (
+    dynamic_sampling_keep,
+    group_advantages,
+    overlong_penalty,
+    zero_std_group_fraction,
+)
+from .aggregate import AGG_MODES, aggregate, masked_mean
+from .contrastive import contrastive_perception_loss, cppo_perception_mask
+from .entropy import entropy_from_logits, sampled_entropy, selective_log_softmax
+from .kl import full_kl, kl_estimate
+from .objective import (
+    OBJECTIVE_TERMS,
+    PRESETS,
+    ObjectiveConfig,
+    ObjectiveInputs,
+    Requirements,
+    aggregate_total,
+    compute_objective,
+    objective_preset,
+    register_term,
+    requirements,
+)
+from .perception import (
+    double_entropy_loss,
+    linear_anneal,
+    papo_perception_loss,
+    perception_kl,
+    top_fraction_mask,
+)
+from .policy import ppo_clip_loss
+
+__all__ = [
+    "AGG_MODES",
+    "OBJECTIVE_TERMS",
+    "PRESETS",
+    "ObjectiveConfig",
+    "ObjectiveInputs",
+    "Requirements",
+    "aggregate",
+    "aggregate_total",
+    "compute_objective",
+    "contrastive_perception_loss",
+    "cppo_perception_mask",
+    "double_entropy_loss",
+    "dynamic_sampling_keep",
+    "entropy_from_logits",
+    "full_kl",
+    "group_advantages",
+    "kl_estimate",
+    "linear_anneal",
+    "masked_mean",
+    "objective_preset",
+    "overlong_penalty",
+    "papo_perception_loss",
+    "perception_kl",
+    "ppo_clip_loss",
+    "register_term",
+    "requirements",
+    "sampled_entropy",
+    "selective_log_softmax",
+    "top_fraction_mask",
+    "zero_std_group_fraction",
+]

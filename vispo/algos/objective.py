@@ -1,0 +1,528 @@
+"""The objective layer: one loss that reads like its equation, assembled from the pure terms.
+
+    loss = PPO-clip                                  (policy)
+         + beta    * KL_ref                          (reference KL, k3)
+         - gamma_t * KL_prcp                         (PAPO implicit perception loss, maximised)
+         + eta1_t  * H_orig + eta2_t * H_mask        (PAPO double entropy, pushed down)
+         + lambda  * L_cpl                           (CPPO contrastive perception loss)
+         + sum of registered extra terms
+
+``gamma_t`` follows the optional linear annealing schedule and the entropy weights scale by the
+same factor. Which forward passes the trainer must run (masked image with or without gradient,
+CPPO's two views, entropies, reference model) is derived from the config by
+:func:`requirements`, so the trainer never branches on the objective's name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .aggregate import AGG_MODES, aggregate, masked_mean
+from .contrastive import CPL_ESTIMATORS, contrastive_perception_loss, cppo_perception_mask
+from .entropy import sampled_entropy
+from .kl import KL_ESTIMATORS, kl_estimate
+from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
+from .policy import ppo_clip_loss
+
+ENTROPY_ESTIMATORS = ("sampled", "full")
+
+
+def _f(default, help: str, *, factory=None):
+    """A dataclass field carrying its help text (shown by ``vispo train --help``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ObjectiveConfig:
+    """Every knob of the objective. A preset (:data:`PRESETS`) is only a set of defaults."""
+
+    name: str = _f("grpo", "Preset this objective started from (informational once loaded).")
+    adv_scale: str = _f(
+        "group",
+        "Advantage scaling: 'group' (GRPO/DAPO: (r-mean)/std per group), 'none' (Dr. GRPO, "
+        "Liu et al. 2025: r-mean), 'batch' (divide by the batch std).",
+    )
+    adv_eps: float = _f(1e-6, "Added to the std when scaling advantages.")
+    clip_low: float = _f(0.2, "PPO lower clip epsilon (ratio >= 1 - clip_low).")
+    clip_high: float = _f(
+        0.3, "PPO upper clip epsilon; 0.28 is DAPO's clip-higher (Yu et al. 2025)."
+    )
+    dual_clip: float | None = _f(3.0, "Dual-clip bound for negative advantages (None: off).")
+    agg: str = _f("token-mean", f"Loss aggregation, one of {AGG_MODES}.")
+    horizon: int | None = _f(
+        None, "Constant horizon for 'seq-mean-token-sum-norm' (Dr. GRPO); default: max length."
+    )
+    beta: float = _f(0.01, "Weight of the reference-model KL (k3 estimator); 0 skips the pass.")
+    ref_kl_estimator: str = _f("k3", f"Estimator of the reference KL, one of {KL_ESTIMATORS}.")
+    dynamic_sampling: bool = _f(
+        False, "DAPO dynamic sampling: keep only groups with mean accuracy in (ds_low, ds_high)."
+    )
+    ds_low: float = _f(0.01, "Dynamic sampling: lower bound on a group's mean accuracy.")
+    ds_high: float = _f(0.99, "Dynamic sampling: upper bound on a group's mean accuracy.")
+    ds_max_rounds: int = _f(20, "Dynamic sampling: cap on generation rounds per step (DAPO: 20).")
+
+    # PAPO (Wang et al. 2025, "Perception-Aware Policy Optimization").
+    gamma: float = _f(
+        0.0,
+        "PAPO perception-KL weight (maximised). Paper: 0.02 PAPO-G, 0.01 PAPO-D; 0.04 collapses.",
+    )
+    gamma_end: float | None = _f(
+        None, "PAPO: anneal gamma linearly to this value (None: constant)."
+    )
+    gamma_anneal_frac: float = _f(
+        1.0, "PAPO: fraction of training over which gamma anneals (entropy weights follow)."
+    )
+    masked_grad: bool = _f(
+        False,
+        "PAPO: recompute the masked-image pass with gradient in every micro-batch (paper). "
+        "False (reference code): scored once with the pre-update policy and held fixed.",
+    )
+    mask_ratio: float = _f(0.6, "PAPO: probability that each image patch is blacked out.")
+    mask_patch_size: int = _f(14, "PAPO: side of the square masking patches, in pixels.")
+    perception_kl_clip: float | None = _f(
+        None, "PAPO option: clamp per-token perception KL to [0, value] (reference: 0.2)."
+    )
+    perception_top_frac: float | None = _f(
+        None, "PAPO option: keep only this top fraction of tokens by KL per sequence (0.2)."
+    )
+    eta_orig: float = _f(0.0, "PAPO double entropy: weight of H(original); 0.03 PAPO-D.")
+    eta_mask: float = _f(0.0, "PAPO double entropy: weight of H(masked); 0.03 PAPO-D.")
+    entropy_estimator: str = _f(
+        "sampled", "PAPO entropy: 'sampled' (-log p of the sampled token, reference) or 'full'."
+    )
+
+    # CPPO (Contrastive Perception Policy Optimization).
+    cpl_lambda: float = _f(0.0, "CPPO: weight of the contrastive perception loss (paper: 0.01).")
+    cpl_tau: float = _f(0.1, "CPPO: InfoNCE temperature tau.")
+    cpl_top_frac: float = _f(0.5, "CPPO: fraction of eligible tokens kept as perception tokens.")
+    cpl_gate: bool = _f(True, "CPPO: only sequences with positive advantage carry the loss.")
+    cpl_estimator: str = _f("k3", f"CPPO: divergence estimator, one of {CPL_ESTIMATORS}.")
+    cpl_select: str = _f(
+        "perception", "CPPO: 'perception' (entropy-shift tokens) or 'all' response tokens."
+    )
+    cpl_blur: bool = _f(False, "CPPO: include Gaussian blur among the preserving views.")
+
+    extra_terms: dict[str, dict] = _f(
+        None,
+        "Registered extra terms: {name: {weight: w, ...params}} (see register_term).",
+        factory=dict,
+    )
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for any inconsistent value."""
+        choices = {
+            "adv_scale": ("group", "none", "batch"),
+            "agg": AGG_MODES,
+            "ref_kl_estimator": KL_ESTIMATORS,
+            "entropy_estimator": ENTROPY_ESTIMATORS,
+            "cpl_estimator": CPL_ESTIMATORS,
+            "cpl_select": ("perception", "all"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"objective.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in (
+            "beta",
+            "gamma",
+            "eta_orig",
+            "eta_mask",
+            "cpl_lambda",
+            "clip_low",
+            "clip_high",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gamma_end is not None and self.gamma_end < 0:
+            raise ValueError(f"objective.gamma_end must be >= 0, got {self.gamma_end}")
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise ValueError(f"objective.mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        for name in ("gamma_anneal_frac", "cpl_top_frac"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"objective.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.perception_top_frac is not None and not 0.0 < self.perception_top_frac <= 1.0:
+            raise ValueError(
+                f"objective.perception_top_frac must be in (0, 1], got {self.perception_top_frac}"
+            )
+        if self.perception_kl_clip is not None and self.perception_kl_clip <= 0:
+            raise ValueError(
+                f"objective.perception_kl_clip must be > 0, got {self.perception_kl_clip}"
+            )
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"objective.dual_clip must be > 1 or None, got {self.dual_clip}")
+        if self.cpl_tau <= 0:
+            raise ValueError(f"objective.cpl_tau must be > 0, got {self.cpl_tau}")
+        if not 0.0 <= self.ds_low < self.ds_high <= 1.0:
+            raise ValueError("objective.ds_low/ds_high must satisfy 0 <= low < high <= 1")
+        if self.ds_max_rounds < 1:
+            raise ValueError(f"objective.ds_max_rounds must be >= 1, got {self.ds_max_rounds}")
+        if self.mask_patch_size < 1:
+            raise ValueError(f"objective.mask_patch_size must be >= 1, got {self.mask_patch_size}")
+        for term in self.extra_terms:
+            if term not in OBJECTIVE_TERMS:
+                close = difflib.get_close_matches(term, OBJECTIVE_TERMS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"objective.extra_terms: unknown term {term!r}{hint}")
+        if self.eta_mask > 0 and not self.masked_grad:
+            warnings.warn(
+                "objective.eta_mask > 0 with masked_grad=False: the masked-image entropy term is "
+                "a constant and contributes no gradient (as in the PAPO reference code). Set "
+                "masked_grad=True to make it a real term.",
+                stacklevel=3,
+            )
+
+    @property
+    def uses_papo(self) -> bool:
+        return self.gamma > 0 or self.eta_mask > 0
+
+    @property
+    def uses_cppo(self) -> bool:
+        return self.cpl_lambda > 0
+
+
+# Section 10 of algorithms.md. PAPO-G here is the 3B recipe (no entropy terms); the 7B recipe
+# adds eta_orig = eta_mask = 0.05.
+PRESETS: dict[str, dict] = {
+    "grpo": dict(adv_scale="group", clip_low=0.2, clip_high=0.3, beta=0.01),
+    "dapo": dict(adv_scale="group", clip_low=0.2, clip_high=0.28, beta=0.0, dynamic_sampling=True),
+    "dr_grpo": dict(
+        adv_scale="none", clip_low=0.2, clip_high=0.2, beta=0.0, agg="seq-mean-token-sum-norm"
+    ),
+    "papo_g": dict(adv_scale="group", clip_low=0.2, clip_high=0.3, beta=0.01, gamma=0.02),
+    "papo_d": dict(
+        adv_scale="group",
+        clip_low=0.2,
+        clip_high=0.28,
+        beta=0.0,
+        dynamic_sampling=True,
+        gamma=0.01,
+        eta_orig=0.03,
+        eta_mask=0.03,
+    ),
+    "cppo": dict(
+        adv_scale="group",
+        clip_low=0.2,
+        clip_high=0.2,
+        beta=0.01,
+        cpl_lambda=0.01,
+        cpl_tau=0.1,
+        cpl_top_frac=0.5,
+        cpl_gate=True,
+    ),
+}
+
+
+def objective_preset(name: str, **overrides) -> ObjectiveConfig:
+    """The named preset's config, with ``overrides`` applied (validated)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective preset {name!r}{hint}; choose from {sorted(PRESETS)}")
+    with warnings.catch_warnings():
+        # papo_d's eta_mask warning is expected and documented; only user overrides warn.
+        if "eta_mask" not in overrides and "masked_grad" not in overrides:
+            warnings.simplefilter("ignore")
+        return ObjectiveConfig(name=name, **{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Which passes the trainer must run for an objective.
+
+    ``variants``: image variant -> ``"fixed"`` (scored once per rollout batch with the
+    pre-update policy, no gradient) or ``"grad"`` (recomputed with gradient in the update).
+    ``entropy``: the passes whose full-vocabulary entropy is needed. ``ref``: reference-model
+    log-probs. ``cppo_positive_only``: the CPPO views are needed only for sequences with positive
+    advantage (everything else carries no contrastive loss).
+    """
+
+    variants: dict[str, str]
+    entropy: frozenset[str]
+    ref: bool
+    cppo_positive_only: bool
+
+
+def requirements(cfg: ObjectiveConfig) -> Requirements:
+    variants: dict[str, str] = {}
+    entropy: set[str] = set()
+    if cfg.uses_papo:
+        variants["mask"] = "grad" if cfg.masked_grad else "fixed"
+        if cfg.entropy_estimator == "full":
+            if cfg.eta_orig > 0:
+                entropy.add("orig")
+            if cfg.eta_mask > 0:
+                entropy.add("mask")
+    elif cfg.eta_orig > 0 and cfg.entropy_estimator == "full":
+        entropy.add("orig")
+    if cfg.uses_cppo:
+        variants["pos"] = "grad"
+        variants["neg"] = "grad"
+        if cfg.cpl_select == "perception":
+            entropy |= {"orig", "neg"}
+    return Requirements(
+        variants=variants,
+        entropy=frozenset(entropy),
+        ref=cfg.beta > 0,
+        cppo_positive_only=cfg.uses_cppo and cfg.cpl_gate,
+    )
+
+
+@dataclass
+class ObjectiveInputs:
+    """Per-token tensors for one (micro-)batch. ``[B, T]`` unless noted; all log-probs float32.
+
+    ``logp`` carries gradient (current policy, original image). ``old_logp`` None means exactly
+    on-policy (old = current, detached). Variant log-probs/entropies are None when not scored.
+    ``cppo_rows`` (long ``[B']``): when given, ``logp_pos``/``logp_neg``/``entropy_neg`` (and the
+    CPPO ``full_*`` tensors) cover only these rows of the batch.
+    """
+
+    logp: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    logp_mask: torch.Tensor | None = None
+    logp_pos: torch.Tensor | None = None
+    logp_neg: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    entropy_mask: torch.Tensor | None = None
+    entropy_pos: torch.Tensor | None = None
+    entropy_neg: torch.Tensor | None = None
+    cppo_rows: torch.Tensor | None = None
+    full_logp: torch.Tensor | None = None  # [B, T, V], CPPO "full" estimator only
+    full_logp_pos: torch.Tensor | None = None
+    full_logp_neg: torch.Tensor | None = None
+
+
+def aggregate_total(mask: torch.Tensor, mode: str, horizon: int | None = None) -> torch.Tensor:
+    """The denominator ``aggregate`` uses for ``mask``; pass a mini-batch's value as ``total`` to
+    every micro-batch so their losses sum to the exact mini-batch loss."""
+    m = mask.float()
+    if mode == "token-mean":
+        return m.sum() + 1e-8
+    if mode == "seq-mean-token-mean":
+        return (m.sum(-1) > 0).sum().clamp(min=1).float()
+    if mode == "seq-mean-token-sum":
+        return torch.tensor(float(max(m.shape[0], 1)))
+    if mode == "seq-mean-token-sum-norm":
+        return torch.tensor(float(m.shape[0] * (m.shape[-1] if horizon is None else horizon)))
+    raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
+
+
+# --- extra terms -------------------------------------------------------------------------------
+
+TermFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+OBJECTIVE_TERMS: dict[str, TermFn] = {}
+
+
+def register_term(name: str) -> Callable[[TermFn], TermFn]:
+    """Register an extra objective term without editing the core.
+
+    The function is called as ``fn(inputs: ObjectiveInputs, **params)`` with the params given in
+    ``ObjectiveConfig.extra_terms[name]`` (minus ``weight``) and returns ``(loss, metrics)``; the
+    objective adds ``weight * loss`` and logs it as ``loss/{name}``.
+    """
+
+    def deco(fn: TermFn) -> TermFn:
+        if name in OBJECTIVE_TERMS and OBJECTIVE_TERMS[name] is not fn:
+            raise ValueError(f"objective term {name!r} is already registered")
+        OBJECTIVE_TERMS[name] = fn
+        return fn
+
+    return deco
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+def compute_objective(
+    cfg: ObjectiveConfig,
+    x: ObjectiveInputs,
+    *,
+    progress: float = 0.0,
+    gamma_scale: float = 1.0,
+    total: torch.Tensor | float | None = None,
+    micro_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Compose the objective for one (micro-)batch. Returns ``(loss, metrics)``.
+
+    ``progress``: fraction of training done (annealing). ``gamma_scale``: multiplier set by the
+    collapse guard (1 = unchanged). ``total``: the mini-batch-wide aggregation denominator
+    (:func:`aggregate_total`); the default normalises within this batch. ``micro_weight``: this
+    micro-batch's share of the mini-batch, applied to the terms that can only be normalised
+    locally (CPPO's selected-token mean, PAPO's top-fraction option).
+    """
+    mask = x.mask.float()
+    agg = dict(horizon=cfg.horizon, total=total)
+    old = x.logp.detach() if x.old_logp is None else x.old_logp
+    metrics: dict[str, torch.Tensor] = {}
+
+    policy, clip_metrics = ppo_clip_loss(
+        x.logp,
+        old,
+        x.advantages,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        agg=cfg.agg,
+        **agg,
+    )
+    metrics.update(clip_metrics)
+    metrics["loss/policy"] = policy.detach()
+    loss = policy
+
+    if cfg.beta > 0:
+        if x.ref_logp is None:
+            raise ValueError("objective.beta > 0 needs reference log-probs (ref_logp)")
+        ref_kl = kl_estimate(x.logp, x.ref_logp, cfg.ref_kl_estimator)
+        term = cfg.beta * aggregate(ref_kl, mask, cfg.agg, **agg)
+        metrics["loss/ref_kl"] = term.detach()
+        metrics["kl/ref"] = masked_mean(ref_kl, mask)
+        loss = loss + term
+
+    if cfg.uses_papo:
+        if x.logp_mask is None:
+            raise ValueError(
+                "objective.gamma/eta_mask > 0 needs masked-image log-probs (logp_mask)"
+            )
+        gamma_t = linear_anneal(
+            progress, start=cfg.gamma, end=cfg.gamma_end, frac=cfg.gamma_anneal_frac
+        )
+        factor = gamma_t / cfg.gamma if cfg.gamma > 0 else 1.0
+        gamma_t *= gamma_scale
+        logp_mask = x.logp_mask if cfg.masked_grad else x.logp_mask.detach()
+        papo_agg = agg if cfg.perception_top_frac is None else dict(horizon=cfg.horizon)
+        term, kl_prcp = papo_perception_loss(
+            x.logp,
+            logp_mask,
+            mask,
+            gamma=gamma_t,
+            agg=cfg.agg,
+            kl_clip=cfg.perception_kl_clip,
+            top_frac=cfg.perception_top_frac,
+            **papo_agg,
+        )
+        if cfg.perception_top_frac is not None:
+            term = term * micro_weight
+        metrics["loss/perception_kl"] = term.detach()
+        metrics["perception/kl_mean"] = masked_mean(kl_prcp, mask)
+        metrics["perception/gamma"] = torch.tensor(gamma_t)
+        loss = loss + term
+
+        if cfg.eta_orig > 0 or cfg.eta_mask > 0:
+            h_orig, h_mask = _entropies(
+                cfg.entropy_estimator, x.logp, x.entropy, logp_mask, x.entropy_mask
+            )
+            t_orig, t_mask = double_entropy_loss(
+                h_orig,
+                h_mask,
+                mask,
+                eta_orig=cfg.eta_orig * factor * gamma_scale,
+                eta_mask=cfg.eta_mask * factor * gamma_scale,
+                agg=cfg.agg,
+                **agg,
+            )
+            metrics["loss/entropy_orig"] = t_orig.detach()
+            metrics["loss/entropy_mask"] = t_mask.detach()
+            loss = loss + t_orig + t_mask
+    elif cfg.eta_orig > 0:
+        h_orig = _entropy(cfg.entropy_estimator, x.logp, x.entropy, "entropy")
+        t_orig = cfg.eta_orig * aggregate(h_orig, mask, cfg.agg, **agg)
+        metrics["loss/entropy_orig"] = t_orig.detach()
+        loss = loss + t_orig
+
+    if cfg.uses_cppo:
+        term, cppo_metrics = _cppo_term(cfg, x, mask)
+        term = cfg.cpl_lambda * term * micro_weight
+        metrics.update(cppo_metrics)
+        metrics["loss/cpl"] = term.detach()
+        loss = loss + term
+
+    for name, params in cfg.extra_terms.items():
+        params = dict(params)
+        weight = float(params.pop("weight", 1.0))
+        term, term_metrics = OBJECTIVE_TERMS[name](x, **params)
+        metrics.update(term_metrics)
+        metrics[f"loss/{name}"] = (weight * term).detach()
+        loss = loss + weight * term
+
+    metrics.update(_entropy_metrics(x, mask))
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
+def _entropy(estimator: str, logp, full, what: str) -> torch.Tensor:
+    if estimator == "sampled":
+        return sampled_entropy(logp)
+    if full is None:
+        raise ValueError(f"entropy_estimator='full' needs full-vocabulary entropies ({what})")
+    return full
+
+
+def _entropies(estimator, logp, h_full, logp_mask, h_mask_full):
+    return (
+        _entropy(estimator, logp, h_full, "entropy"),
+        _entropy(estimator, logp_mask, h_mask_full, "entropy_mask"),
+    )
+
+
+def _cppo_term(cfg: ObjectiveConfig, x: ObjectiveInputs, mask: torch.Tensor):
+    if x.logp_pos is None or x.logp_neg is None:
+        raise ValueError("objective.cpl_lambda > 0 needs I+ and I- log-probs (logp_pos, logp_neg)")
+    rows = x.cppo_rows
+    take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    logp, m, adv = take(x.logp), take(mask), take(x.advantages)
+    if cfg.cpl_select == "perception":
+        if x.entropy is None or x.entropy_neg is None:
+            raise ValueError("CPPO token selection needs full entropies (entropy, entropy_neg)")
+        selected = cppo_perception_mask(
+            take(x.entropy), x.entropy_neg, adv, m, top_frac=cfg.cpl_top_frac, gate=cfg.cpl_gate
+        )
+    else:
+        selected = m.bool()
+        if cfg.cpl_gate:
+            seq_adv = adv if adv.ndim == 1 else adv[:, 0]
+            selected = selected & (seq_adv > 0)[:, None]
+    if cfg.cpl_estimator == "full":
+        if x.full_logp is None or x.full_logp_pos is None or x.full_logp_neg is None:
+            raise ValueError("cpl_estimator='full' needs full log-prob tensors [B, T, V]")
+        inputs = (take(x.full_logp), x.full_logp_pos, x.full_logp_neg)
+    else:
+        inputs = (logp, x.logp_pos, x.logp_neg)
+    loss, metrics = contrastive_perception_loss(
+        *inputs, selected, tau=cfg.cpl_tau, estimator=cfg.cpl_estimator
+    )
+    metrics["perception/selected_frac"] = selected.float().sum() / (mask.sum() + 1e-8)
+    return loss, metrics
+
+
+def _entropy_metrics(x: ObjectiveInputs, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``entropy/{orig,mask,pos,neg}``: full entropies where scored, else the sampled estimate."""
+    out = {}
+    with torch.no_grad():
+        out["entropy/orig"] = masked_mean(
+            x.entropy if x.entropy is not None else sampled_entropy(x.logp), mask
+        )
+        if x.entropy_mask is not None or x.logp_mask is not None:
+            h = x.entropy_mask if x.entropy_mask is not None else sampled_entropy(x.logp_mask)
+            out["entropy/mask"] = masked_mean(h, mask)
+        rows_mask = mask if x.cppo_rows is None else mask.index_select(0, x.cppo_rows)
+        for key, h, lp in (("pos", x.entropy_pos, x.logp_pos), ("neg", x.entropy_neg, x.logp_neg)):
+            if h is not None or lp is not None:
+                out[f"entropy/{key}"] = masked_mean(
+                    h if h is not None else sampled_entropy(lp), rows_mask
+                )
+    return out

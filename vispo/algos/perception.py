@@ -1,0 +1,103 @@
+"""PAPO: implicit perception loss and double entropy regularisation (algorithms.md section 6).
+
+PAPO *maximises* the policy's KL between the original image and a patch-masked one, so the
+policy's outputs must depend on what the image shows. The KL is the k3 estimator on the sampled
+tokens, ``KL(pi(.|I) || pi(.|I_mask))``; the loss term is ``-gamma * aggregate(kl)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .aggregate import aggregate
+from .kl import kl_estimate
+
+
+def perception_kl(logp_orig: torch.Tensor, logp_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi(.|I) || pi(.|I_mask)): ``kl_estimate(orig, mask, "k3")``."""
+    return kl_estimate(logp_orig, logp_mask, "k3")
+
+
+def top_fraction_mask(values: torch.Tensor, mask: torch.Tensor, frac: float) -> torch.Tensor:
+    """Per sequence, keep the ``max(1, floor(frac * n))`` masked tokens with the largest values.
+
+    Ties at the threshold are kept. Rows without tokens keep nothing. Returns bool ``[B, T]``.
+    """
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    m = mask.bool()
+    scores = torch.where(
+        m, values.detach().float(), torch.full_like(values, float("-inf"), dtype=torch.float32)
+    )
+    n = m.sum(-1)
+    k = torch.clamp(torch.floor(frac * n.float()).long(), min=1)
+    ordered = scores.sort(dim=-1, descending=True).values
+    kth = ordered.gather(-1, (k - 1).clamp(max=values.shape[-1] - 1)[:, None])
+    return m & (scores >= kth)
+
+
+def papo_perception_loss(
+    logp_orig: torch.Tensor,
+    logp_mask: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float,
+    agg: str = "token-mean",
+    kl_clip: float | None = None,
+    top_frac: float | None = None,
+    horizon: int | None = None,
+    total: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-gamma * aggregate(kl_prcp)``, returning ``(loss, per_token_kl)``.
+
+    Options (off by default, from the PAPO code): ``kl_clip`` clamps the per-token KL to
+    ``[0, kl_clip]`` (0.2 in the reference); ``top_frac`` keeps only the top fraction of tokens
+    by KL in each sequence (0.2 in the reference). Whether gradient reaches ``logp_mask`` is the
+    caller's choice (PAPO's default detaches it: see ``masked_grad``).
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    kl = perception_kl(logp_orig, logp_mask)
+    if kl_clip is not None:
+        kl = kl.clamp(0.0, kl_clip)
+    m = mask
+    if top_frac is not None:
+        m = top_fraction_mask(kl, mask, top_frac).to(kl.dtype)
+        total = None  # the kept-token count is local to this selection
+    return -gamma * aggregate(kl, m, agg, horizon=horizon, total=total), kl
+
+
+def double_entropy_loss(
+    entropy_orig: torch.Tensor,
+    entropy_mask: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eta_orig: float,
+    eta_mask: float,
+    agg: str = "token-mean",
+    horizon: int | None = None,
+    total: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eta_orig * H_orig + eta_mask * H_mask``: both entropies are pushed down.
+
+    The entropies are per-token tensors from either estimator (``sampled_entropy(logp)`` or
+    ``entropy_from_logits``). Returns the two weighted terms separately.
+    """
+    if eta_orig < 0 or eta_mask < 0:
+        raise ValueError(f"entropy weights must be >= 0, got {eta_orig}/{eta_mask}")
+    h_orig = aggregate(entropy_orig, mask, agg, horizon=horizon, total=total)
+    h_mask = aggregate(entropy_mask, mask, agg, horizon=horizon, total=total)
+    return eta_orig * h_orig, eta_mask * h_mask
+
+
+def linear_anneal(progress: float, *, start: float, end: float | None, frac: float = 1.0) -> float:
+    """Linear schedule from ``start`` to ``end`` over the first ``frac`` of training.
+
+    ``progress`` is the fraction of training done, in [0, 1]. ``end=None`` means constant.
+    """
+    if end is None:
+        return start
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    t = min(max(progress / frac, 0.0), 1.0)
+    return start + (end - start) * t
