@@ -179,7 +179,7 @@ class ObjectiveConfig:
                 "objective.eta_mask > 0 with masked_grad=False: the masked-image entropy term is "
                 "a constant and contributes no gradient (as in the PAPO reference code). Set "
                 "masked_grad=True to make it a real term.",
-                stacklevel=3,
+                stacklevel=4,
             )
 
     @property
