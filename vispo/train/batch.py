@@ -1,0 +1,198 @@
+"""Assembling one step's rollouts: prompts, responses, rewards, advantages, image variants.
+
+The data flow of design.md, minus the update: sample prompts -> roll out n responses each on
+the clean image -> score rewards -> group advantages (DAPO keeps only informative groups,
+generating more rounds until the batch is full) -> draw each prompt's perturbations (PAPO
+mask, CPPO I+ / I-) from the run's seeded generator -> their pixel inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vispo.algos import dynamic_sampling_keep, group_advantages, zero_std_group_fraction
+from vispo.models.scoring import (
+    PromptBatch,
+    ScoringBatch,
+    build_scoring_batch,
+    encode_prompts,
+    pixel_inputs,
+)
+from vispo.vision import info_preserving, info_removing, random_patch_mask, resize_to_budget
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt and its n rollouts."""
+
+    sample: object
+    images: list[Image.Image]
+    messages: list[dict]
+    response_ids: list[torch.Tensor]  # n tensors of real tokens (no padding)
+    texts: list[str]
+    rewards: torch.Tensor  # [n]
+    components: dict[str, torch.Tensor]  # name -> [n]
+    truncated: torch.Tensor  # [n] bool
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Everything the update needs for one step."""
+
+    groups: list[Group]
+    prompts: PromptBatch
+    batch: ScoringBatch
+    rewards: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B]
+    variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> pixel dict
+    variant_images: dict[str, list[list[Image.Image]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.groups[0].texts)
+
+
+def image_budget(processor) -> tuple[int, int, int] | None:
+    """(factor, min_pixels, max_pixels) of a Qwen-VL-style image processor, else None."""
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
+    lo = getattr(size, "shortest_edge", None) if size is not None else None
+    hi = getattr(size, "longest_edge", None) if size is not None else None
+    if None in (patch, merge, lo, hi):
+        return None
+    return patch * merge, lo, hi
+
+
+def prepare_image(image: Image.Image, budget: tuple[int, int, int] | None) -> Image.Image:
+    """Resize once to the processor's pixel grid, so every variant keeps that exact size."""
+    if budget is None:
+        return image
+    factor, lo, hi = budget
+    return resize_to_budget(image, factor=factor, min_pixels=lo, max_pixels=hi)
+
+
+def pad_responses(responses: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token tensors to ``[B, T]`` ids and float mask."""
+    T = max(1, max(int(r.numel()) for r in responses))
+    ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), T)
+    for i, r in enumerate(responses):
+        ids[i, : r.numel()] = r
+        mask[i, : r.numel()] = 1.0
+    return ids, mask
+
+
+def groups_from_rollout(samples, images, messages, rollout, rewards, components) -> list[Group]:
+    n = rollout.n
+    groups = []
+    for i, sample in enumerate(samples):
+        rows = range(i * n, (i + 1) * n)
+        groups.append(
+            Group(
+                sample=sample,
+                images=images[i],
+                messages=messages[i],
+                response_ids=[
+                    rollout.response_ids[r][rollout.response_mask[r].bool()] for r in rows
+                ],
+                texts=[rollout.texts[r] for r in rows],
+                rewards=rewards[i * n : (i + 1) * n],
+                components={k: v[i * n : (i + 1) * n] for k, v in components.items()},
+                truncated=rollout.truncated[i * n : (i + 1) * n],
+            )
+        )
+    return groups
+
+
+def keep_informative(groups: list[Group], low: float, high: float) -> list[bool]:
+    """DAPO filter per group: mean accuracy strictly inside (low, high)."""
+    acc = torch.cat([g.components.get("accuracy", g.rewards) for g in groups])
+    ids = torch.arange(len(groups)).repeat_interleave(len(groups[0].texts))
+    keep = dynamic_sampling_keep(acc, ids, low=low, high=high)
+    n = len(groups[0].texts)
+    return [bool(keep[i * n]) for i in range(len(groups))]
+
+
+def assemble(
+    processor, groups: list[Group], *, prompts: PromptBatch | None, scale: str, eps: float
+) -> StepBatch:
+    """Pad responses, build the scoring batch and the advantages of the kept groups.
+
+    ``prompts``: the encoded prompts when they are exactly these groups' (one full round);
+    otherwise the kept prompts are encoded again.
+    """
+    if prompts is None:
+        prompts = encode_prompts(
+            processor, [g.messages for g in groups], [g.images for g in groups]
+        )
+    n = len(groups[0].texts)
+    ids, mask = pad_responses([r for g in groups for r in g.response_ids], prompts.pad_token_id)
+    batch = build_scoring_batch(prompts, ids, repeats=n, response_mask=mask)
+    rewards = torch.cat([g.rewards for g in groups])
+    group_ids = torch.arange(len(groups)).repeat_interleave(n)
+    advantages = group_advantages(rewards, group_ids, scale=scale, eps=eps)
+    return StepBatch(
+        groups=groups, prompts=prompts, batch=batch, rewards=rewards, advantages=advantages
+    )
+
+
+def draw_variants(
+    step: StepBatch,
+    processor,
+    names: list[str],
+    rng: np.random.Generator,
+    *,
+    mask_ratio: float,
+    mask_patch_size: int,
+    include_blur: bool,
+) -> None:
+    """Draw each prompt's perturbed images (shared by its rollouts) and their pixel inputs.
+
+    Draw order per prompt, per image: mask, then I+, then I- — fixed, so a seed reproduces.
+    """
+    if not names:
+        return
+    images = {name: [] for name in names}
+    for g in step.groups:
+        per = {name: [] for name in names}
+        for img in g.images:
+            if "mask" in per:
+                per["mask"].append(
+                    random_patch_mask(img, patch_size=mask_patch_size, ratio=mask_ratio, rng=rng)
+                )
+            if "pos" in per:
+                per["pos"].append(info_preserving(img, rng, include_blur=include_blur)[0])
+            if "neg" in per:
+                per["neg"].append(info_removing(img, rng)[0])
+        for name in names:
+            images[name].append(per[name])
+    step.variant_images = images
+    step.variants = {
+        name: pixel_inputs(processor, images[name], reference=step.prompts) for name in names
+    }
+
+
+def rollout_metrics(step: StepBatch, max_new_tokens: int) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([float(r.numel()) for g in step.groups for r in g.response_ids])
+    truncated = torch.cat([g.truncated for g in step.groups]).float()
+    n = step.n
+    group_ids = torch.arange(len(step.groups)).repeat_interleave(n)
+    out = {
+        "reward/mean": step.rewards.mean(),
+        "reward/std": step.rewards.std() if step.rewards.numel() > 1 else torch.tensor(0.0),
+        "frac_zero_std_groups": zero_std_group_fraction(step.rewards, group_ids),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "response_length/clip_ratio": truncated.mean(),
+    }
+    for name in step.groups[0].components:
+        values = torch.cat([g.components[name] for g in step.groups])
+        out[f"reward/{name}/mean"] = values.mean()
+    if "accuracy" in step.groups[0].components:
+        out["accuracy/mean"] = out["reward/accuracy/mean"]
+    return out

@@ -1,0 +1,430 @@
+"""Typed run configuration: YAML file + ``section.field=value`` overrides, validated up front.
+
+Every field has a default and help text (``vispo train --help`` prints them). Unknown keys are
+rejected with the closest valid name; inconsistent values fail here, before any model is
+loaded, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vispo.algos import PRESETS, ObjectiveConfig, objective_preset
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending field."""
+
+
+def _f(default, help: str, *, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "builtin:vispo-tiny",
+        "Policy to train: a local Hugging Face model folder, a hub id (downloaded only when you "
+        "name one), or 'builtin:vispo-tiny' (the small VLM shipped with vispo) / "
+        "'tiny:<arch>' (a random tiny model: qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3).",
+    )
+    dtype: str = _f("float32", "Parameter dtype: float32, bfloat16 or float16.")
+    trust_remote_code: bool = _f(False, "Allow the model folder's own Python code to run.")
+    freeze_vision: bool = _f(False, "Freeze the vision tower (train language model + connector).")
+    lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    seed: int = _f(0, "Seed for 'tiny:<arch>' random models.")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f(
+        "easy-vqa",
+        "Training data: a built-in name (easy-vqa, synthetic) or a path (HF dataset folder, "
+        ".parquet, .json/.jsonl).",
+    )
+    split: str = _f("train", "Split to train on.")
+    eval_split: str = _f("test", "Held-out split for evaluation during and after training.")
+    eval_size: int = _f(300, "Held-out questions scored at the start/end (0: none).")
+    template: str = _f(
+        "short",
+        "Prompt template: reasoning (think, then \\boxed{}), short (one word), plain, or a "
+        "Jinja string / .jinja path.",
+    )
+    image_root: str | None = _f(None, "Folder that relative image paths are resolved against.")
+    columns: dict[str, str] = _f(None, "Column mapping, e.g. {question: query}.", factory=dict)
+    max_prompt_length: int = _f(
+        1024, "Prompts longer than this (image tokens included) are dropped up front."
+    )
+    limit: int | None = _f(None, "Use at most this many training samples.")
+    on_error: str = _f("skip", "Bad samples: 'skip' (counted) or 'raise'.")
+    synthetic_size: int = _f(2000, "Items generated when name is 'synthetic'.")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = _f(5, "Responses sampled per prompt (the group size).")
+    temperature: float = _f(1.0, "Sampling temperature (also divides logits when scoring).")
+    top_p: float = _f(1.0, "Nucleus sampling; PAPO uses 0.99, CPPO 1.0.")
+    max_new_tokens: int = _f(256, "Maximum response length in tokens.")
+    min_new_tokens: int = _f(0, "Minimum response length (forces longer outputs).")
+
+
+@dataclass
+class RewardConfig:
+    name: str = _f(
+        "reference",
+        "Reward: reference (0.9 accuracy + 0.1 format), math, format, choice, yesno, exact, "
+        "or 'path/to/file.py:function'.",
+    )
+    num_workers: int = _f(0, "Worker processes for reward functions (0: in-process).")
+    timeout_s: float = _f(10.0, "Per-call timeout of a reward function, seconds.")
+    overlong_buffer: int = _f(0, "DAPO overlong shaping: penalty buffer in tokens (0: off).")
+    overlong_penalty: float = _f(1.0, "DAPO overlong shaping: penalty at the maximum length.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-6, "AdamW learning rate (PAPO/CPPO recipes: 1e-6).")
+    vision_lr_scale: float = _f(1.0, "Learning-rate multiplier for the vision tower.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.999, "AdamW beta2.")
+    warmup_steps: int = _f(0, "Linear warm-up, in optimizer steps.")
+    schedule: str = _f("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: off).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "RL steps (each: rollout, reward, update).")
+    prompts_per_step: int = _f(16, "Prompts per step; each gets rollout.n responses.")
+    ppo_epochs: int = _f(1, "Passes over each step's rollouts.")
+    mini_batch_size: int | None = _f(
+        None, "Sequences per optimizer step (default: all of the step's sequences)."
+    )
+    micro_batch_size: int | None = _f(
+        None, "Sequences per forward/backward (gradient accumulation; default: mini-batch)."
+    )
+    micro_batch_norm: str = _f(
+        "global",
+        "Loss normalisation across micro-batches: 'global' (exact mini-batch token-mean) or "
+        "'per-micro' (reference code: mean per micro-batch, divided by their number).",
+    )
+    stack_variants: bool = _f(True, "Stack image variants into one forward call.")
+    seed: int = _f(0, "One seed for data order, perturbations, sampling and initialisation.")
+    out_dir: str = _f("runs/default", "Run folder: metrics, samples, checkpoints.")
+    save_every: int = _f(50, "Checkpoint every N steps (and at the end; 0: only at the end).")
+    keep_last: int = _f(2, "Checkpoints kept (older ones are deleted).")
+    eval_every: int = _f(0, "Evaluate on the held-out subset every N steps (0: start/end only).")
+    samples_every: int = _f(25, "Write an HTML page of sample completions every N steps (0: off).")
+    max_skipped_in_row: int = _f(
+        5, "Stop (with a checkpoint) after this many consecutive non-finite steps."
+    )
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice).")
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = _f(True, "Watch for KL_prcp hacking (PAPO paper, section 6.4).")
+    window: int = _f(20, "Steps of history the guard compares against.")
+    min_history: int = _f(10, "Steps before the guard starts judging.")
+    z_threshold: float = _f(4.0, "A metric this many robust std above its history is a surge.")
+    min_signals: int = _f(2, "Surging signals needed (of perception KL, clip high, 2 entropies).")
+    action: str = _f("warn", "On collapse: warn, halve_gamma, or stop (with a checkpoint).")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = _f(True, "Show a progress bar with ETA and key metrics.")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
+    wandb: bool = _f(False, "Also log to Weights & Biases (needs wandb).")
+    wandb_project: str = _f("vispo", "W&B project name.")
+    samples_per_page: int = _f(8, "Completions on each HTML samples page.")
+
+
+@dataclass
+class Config:
+    objective: ObjectiveConfig = _f(
+        None, "The objective (see vispo.algos).", factory=ObjectiveConfig
+    )
+    model: ModelConfig = _f(None, "The policy model.", factory=ModelConfig)
+    data: DataConfig = _f(None, "Training and held-out data.", factory=DataConfig)
+    rollout: RolloutConfig = _f(None, "Response sampling.", factory=RolloutConfig)
+    reward: RewardConfig = _f(None, "Reward function.", factory=RewardConfig)
+    optim: OptimConfig = _f(None, "Optimizer and schedule.", factory=OptimConfig)
+    train: TrainConfig = _f(None, "The loop.", factory=TrainConfig)
+    guard: GuardConfig = _f(None, "Collapse guard.", factory=GuardConfig)
+    logging: LoggingConfig = _f(None, "Logging sinks.", factory=LoggingConfig)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.n
+
+    @property
+    def mini_batch(self) -> int:
+        return self.train.mini_batch_size or self.sequences_per_step
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.mini_batch
+
+    def validate(self) -> Config:
+        """Cross-field checks; raises ConfigError naming the field."""
+        t, r, o = self.train, self.rollout, self.optim
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{name}: {msg}")
+
+        need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+        need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        need(r.n >= 2, "rollout.n", f"group-relative advantages need n >= 2, got {r.n}")
+        need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+        need(self.mini_batch >= 1, "train.mini_batch_size", "must be >= 1")
+        need(
+            self.sequences_per_step % self.mini_batch == 0,
+            "train.mini_batch_size",
+            f"{self.mini_batch} must divide prompts_per_step x rollout.n = {self.sequences_per_step}",
+        )
+        need(self.micro_batch >= 1, "train.micro_batch_size", "must be >= 1")
+        need(
+            self.mini_batch % self.micro_batch == 0,
+            "train.micro_batch_size",
+            f"{self.micro_batch} must divide the mini-batch size {self.mini_batch}",
+        )
+        need(
+            t.micro_batch_norm in ("global", "per-micro"),
+            "train.micro_batch_norm",
+            "must be 'global' or 'per-micro'",
+        )
+        need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+        for name in ("save_every", "eval_every", "samples_every"):
+            need(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
+        need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
+        need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+        need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        need(
+            0 <= r.min_new_tokens <= r.max_new_tokens,
+            "rollout.min_new_tokens",
+            "must be in [0, max_new_tokens]",
+        )
+        need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        need(o.vision_lr_scale >= 0, "optim.vision_lr_scale", "must be >= 0")
+        need(
+            o.schedule in ("constant", "linear", "cosine"),
+            "optim.schedule",
+            f"must be constant, linear or cosine, got {o.schedule!r}",
+        )
+        need(
+            self.model.dtype in ("float32", "bfloat16", "float16"),
+            "model.dtype",
+            f"must be float32, bfloat16 or float16, got {self.model.dtype!r}",
+        )
+        need(self.data.on_error in ("skip", "raise"), "data.on_error", "must be skip or raise")
+        need(self.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+        need(self.data.eval_size >= 0, "data.eval_size", "must be >= 0")
+        need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        need(self.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
+        need(self.reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
+        need(
+            self.reward.overlong_buffer <= r.max_new_tokens,
+            "reward.overlong_buffer",
+            "must be <= rollout.max_new_tokens",
+        )
+        need(
+            self.guard.action in ("warn", "halve_gamma", "stop"),
+            "guard.action",
+            f"must be warn, halve_gamma or stop, got {self.guard.action!r}",
+        )
+        need(self.guard.window >= 2, "guard.window", "must be >= 2")
+        need(1 <= self.guard.min_signals <= 4, "guard.min_signals", "must be in 1..4")
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _type_of(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section(cls, values: dict, prefix: str):
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key}{_suggest(key, names)}")
+        kwargs[key] = _coerce(value, _type_of(cls, key), prefix + key)
+    return kwargs
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+SECTIONS = {f.name: f for f in fields(Config)}
+
+
+def build_config(tree: dict | None = None) -> Config:
+    """A validated Config from a nested dict (YAML layout)."""
+    tree = dict(tree or {})
+    sections = {}
+    for name, values in tree.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}{_suggest(name, SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {values!r}")
+        sections[name] = values
+    try:
+        objective_values = dict(sections.pop("objective", {}))
+        preset = objective_values.pop("name", "grpo")
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"objective.name: unknown preset {preset!r}{_suggest(preset, PRESETS)}"
+            )
+        objective = objective_preset(
+            preset, **_section(ObjectiveConfig, objective_values, "objective.")
+        )
+        built = {
+            name: typing.get_type_hints(Config)[name](
+                **_section(typing.get_type_hints(Config)[name], values, name + ".")
+            )
+            for name, values in sections.items()
+        }
+    except ConfigError:
+        raise
+    except ValueError as e:  # field validation inside ObjectiveConfig
+        raise ConfigError(str(e)) from None
+    return Config(objective=objective, **built).validate()
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"override {item!r} must name section.field")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (optional) and apply ``section.field=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    return build_config(_merge(tree, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """Every field, its default and its help, grouped by section."""
+    lines = []
+    for name, sec in SECTIONS.items():
+        cls = typing.get_type_hints(Config)[name]
+        lines.append(f"{name}: {sec.metadata['help']}")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name} = {default!r}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    lines.append(
+        f"objective.name = 'grpo'\n      Preset the objective starts from: {', '.join(PRESETS)}."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Run logging: JSONL every step (the record), optional TensorBoard / W&B, HTML sample pages."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from PIL import Image
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, lines after the resumed step are dropped."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        resume_step: int | None = None,
+        tensorboard=False,
+        wandb=False,
+        wandb_project="vispo",
+        config: dict | None = None,
+    ):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(k + "\n" for k in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._tb = self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "logging.tensorboard=true needs `pip install tensorboard`"
+                ) from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb=true needs `pip install wandb`") from e
+            self._wandb = wb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _finite_or_str(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _finite_or_str(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def image_data_uri(image: Image.Image, max_side: int = 256) -> str:
+    img = image.copy()
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_samples_page(path: Path, step: int, rows: list[dict]) -> None:
+    """One self-contained HTML page: per row the image(s), question, answer, completions and
+    their rewards. ``rows``: dicts with images, question, answer, completions, rewards."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>vispo samples, step {step}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px;"
+        "vertical-align:top}table{border-collapse:collapse}pre{white-space:pre-wrap;margin:0}"
+        ".good{background:#e6f4e6}.bad{background:#fbeaea}</style>",
+        f"<h1>Sample completions at step {step}</h1>",
+    ]
+    for row in rows:
+        imgs = "".join(f"<img src='{image_data_uri(im)}'>" for im in row["images"])
+        parts.append(f"<h3>{html.escape(row['question'])}</h3><p>{imgs}</p>")
+        parts.append(f"<p>Reference answer: <b>{html.escape(str(row['answer']))}</b></p>")
+        parts.append("<table><tr><th>completion</th><th>reward</th></tr>")
+        for text, reward in zip(row["completions"], row["rewards"]):
+            cls = "good" if reward > 0.5 else "bad"
+            parts.append(
+                f"<tr class='{cls}'><td><pre>{html.escape(text)}</pre></td>"
+                f"<td>{reward:.3f}</td></tr>"
+            )
+        parts.append("</table>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))

@@ -1,0 +1,76 @@
+"""Resolving a config into objects: the policy, the data, the reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vispo.data import BUILTIN_DATASETS, filter_by_prompt_length, load_builtin, load_samples
+from vispo.rewards import RewardRunner
+
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+def load_model(mcfg):
+    """(model, processor) for ``model.name_or_path``, with freezing / LoRA / checkpointing."""
+    from vispo.models.adapt import apply_lora, enable_gradient_checkpointing, freeze_vision_tower
+    from vispo.models.loading import load_policy
+    from vispo.models.tiny import build_tiny_vlm
+
+    name = mcfg.name_or_path
+    if name.startswith("tiny:"):
+        model, processor = build_tiny_vlm(name.split(":", 1)[1], seed=mcfg.seed)
+    elif name.startswith("builtin:"):
+        path = BUILTIN_MODELS_DIR / name.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.name_or_path={name!r}: the built-in model is missing at {path}; "
+                "rebuild it with `make tiny-model`"
+            )
+        model, processor = load_policy(str(path), dtype=mcfg.dtype)
+    else:
+        model, processor = load_policy(
+            name, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code
+        )
+    if mcfg.freeze_vision:
+        freeze_vision_tower(model)
+    if mcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if mcfg.lora:
+        model = apply_lora(model, r=mcfg.lora_r, alpha=mcfg.lora_alpha)
+    return model, processor
+
+
+def _load(dcfg, split: str, limit):
+    if dcfg.name in BUILTIN_DATASETS:
+        options = {"n": dcfg.synthetic_size} if dcfg.name == "synthetic" else {}
+        return load_builtin(dcfg.name, split=split, limit=limit, **options)
+    return load_samples(
+        dcfg.name,
+        split=split,
+        columns=dcfg.columns or None,
+        image_root=dcfg.image_root,
+        on_error=dcfg.on_error,
+        limit=limit,
+    )
+
+
+def load_train_data(dcfg, processor, template, *, log=print):
+    data = _load(dcfg, dcfg.split, dcfg.limit)
+    if getattr(data, "n_skipped", 0):
+        log(f"data: skipped {data.n_skipped} bad samples ({dict(data.skipped)})")
+    kept, dropped = filter_by_prompt_length(data, processor, template, dcfg.max_prompt_length)
+    if dropped:
+        log(f"data: dropped {dropped} prompts longer than {dcfg.max_prompt_length} tokens")
+    if len(kept) == 0:
+        raise ValueError(f"data.name={dcfg.name!r}: no usable training samples")
+    return kept
+
+
+def load_eval_data(dcfg):
+    if dcfg.eval_size <= 0:
+        return None
+    return _load(dcfg, dcfg.eval_split, dcfg.eval_size)
+
+
+def load_reward(rcfg) -> RewardRunner:
+    return RewardRunner(rcfg.name, num_workers=rcfg.num_workers, timeout_s=rcfg.timeout_s)

@@ -1,0 +1,405 @@
+"""The RL loop. One step reads top to bottom as design.md's "one training step":
+
+    rollout -> rewards -> advantages -> perturb -> score -> objective -> update
+
+The trainer orchestrates; every formula lives in :mod:`vispo.algos`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vispo.algos import overlong_penalty, requirements
+from vispo.data import PromptSampler, get_template
+from vispo.models.scoring import encode_prompts
+from vispo.rollout.hf import generate
+from vispo.train import batch as B
+from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vispo.train.config import Config, config_to_dict
+from vispo.train.guard import CollapseGuard
+from vispo.train.logging import MetricsLog, write_samples_page
+from vispo.train.optim import build_optimizer
+from vispo.train.setup import load_eval_data, load_model, load_reward, load_train_data
+from vispo.train.update import FixedScores, UpdateState, ppo_update, score_fixed
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite steps in a row, collapse guard); a checkpoint
+    was written first."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: bool = False,
+        model=None,
+        processor=None,
+        train_data=None,
+        eval_data=None,
+        reward_fn=None,
+        console=None,
+    ):
+        self.cfg = cfg.validate()
+        self.out = Path(cfg.train.out_dir)
+        self.console = console
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self._seed(cfg.train.seed)
+        self.req = requirements(cfg.objective)
+
+        self.model, self.processor = (
+            (model, processor) if model is not None else load_model(cfg.model)
+        )
+        self.ref_model, self.ref_context = self._reference()
+        self.template = get_template(cfg.data.template)
+        self.train_data = (
+            train_data
+            if train_data is not None
+            else load_train_data(cfg.data, self.processor, self.template, log=self.log)
+        )
+        self.eval_data = eval_data if eval_data is not None else load_eval_data(cfg.data)
+        self.reward = reward_fn if reward_fn is not None else load_reward(cfg.reward)
+        self.budget = B.image_budget(self.processor)
+
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            vision_lr_scale=cfg.optim.vision_lr_scale,
+        )
+        self.sampler = PromptSampler(
+            len(self.train_data), cfg.train.prompts_per_step, cfg.train.seed
+        )
+        self.rng = np.random.default_rng(cfg.train.seed)
+        self.guard = CollapseGuard(
+            window=cfg.guard.window,
+            min_history=cfg.guard.min_history,
+            z_threshold=cfg.guard.z_threshold,
+            min_signals=cfg.guard.min_signals,
+            action=cfg.guard.action,
+        )
+        self.updates = UpdateState()
+        self.step_count = 0
+        self.history: list[dict] = []
+        self.eval_results: dict[str, float] = {}
+
+        resume_from = latest_checkpoint(self.out) if resume else None
+        if resume and resume_from is None:
+            self.log(f"no checkpoint in {self.out}/checkpoints: starting from scratch")
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.metrics_log = MetricsLog(
+            self.out,
+            resume_step=self.step_count if resume_from is not None else None,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            config=config_to_dict(cfg),
+        )
+
+    # --- setup helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _reference(self):
+        if not self.req.ref:
+            return None, contextlib.nullcontext
+        if hasattr(self.model, "disable_adapter"):  # LoRA: the base weights are the reference
+            return self.model, self.model.disable_adapter
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref, contextlib.nullcontext
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+        else:
+            print(message, flush=True)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """rollout -> rewards -> advantages -> perturb -> score -> objective -> update."""
+        cfg, t = self.cfg, {}
+        t0 = time.perf_counter()
+        step, rounds, kept_frac = self._collect(t)  # rollout, rewards, advantages
+        B.draw_variants(
+            step,
+            self.processor,
+            list(self.req.variants),
+            self.rng,  # perturb
+            mask_ratio=cfg.objective.mask_ratio,
+            mask_patch_size=cfg.objective.mask_patch_size,
+            include_blur=cfg.objective.cpl_blur,
+        )
+        t1 = time.perf_counter()
+        n_mini = max(1, len(step.batch) // self.cfg.mini_batch)
+        fixed = score_fixed(  # score (no-grad passes)
+            self.model,
+            self.ref_model,
+            step.batch,
+            step.variants,
+            self.req,
+            on_policy=cfg.train.ppo_epochs == 1 and n_mini == 1,
+            temperature=cfg.rollout.temperature,
+            micro_batch=cfg.micro_batch,
+            stack=cfg.train.stack_variants,
+            ref_context=self.ref_context,
+        )
+        t2 = time.perf_counter()
+        metrics = self._update(step, fixed)  # objective + update
+        t3 = time.perf_counter()
+        metrics.update(
+            {k: float(v) for k, v in B.rollout_metrics(step, cfg.rollout.max_new_tokens).items()}
+        )
+        metrics.update(
+            {
+                "dynamic_sampling/rounds": float(rounds),
+                "dynamic_sampling/kept_frac": kept_frac,
+                "time/rollout": t["rollout"],
+                "time/reward": t["reward"],
+                "time/score": t2 - t1,
+                "time/update": t3 - t2,
+                "time/step": t3 - t0,
+                "throughput/tokens_per_s": float(step.batch.response_mask.sum()) / (t3 - t0),
+                "reward/errors": float(getattr(self.reward, "n_errors", 0)),
+            }
+        )
+        self._last_step = step
+        return metrics
+
+    def _collect(self, t: dict) -> tuple[B.StepBatch, int, float]:
+        """Roll out and reward prompts; with dynamic sampling, more rounds until full."""
+        cfg, ocfg = self.cfg, self.cfg.objective
+        target = cfg.train.prompts_per_step
+        kept: list[B.Group] = []
+        reuse_prompts = None
+        rounds, seen = 0, 0
+        t["rollout"] = t["reward"] = 0.0
+        while len(kept) < target and rounds < (ocfg.ds_max_rounds if ocfg.dynamic_sampling else 1):
+            rounds += 1
+            samples = [self.train_data[i] for i in next(self.sampler)]
+            images = [[B.prepare_image(im, self.budget) for im in s.load_images()] for s in samples]
+            messages = [self.template.render(s) for s in samples]
+            ta = time.perf_counter()
+            prompts = encode_prompts(self.processor, messages, images)
+            rollout = generate(
+                self.model,
+                self.processor,
+                prompts,
+                n=cfg.rollout.n,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                min_new_tokens=cfg.rollout.min_new_tokens,
+            )
+            tb = time.perf_counter()
+            answers = [s.answer for s in samples for _ in range(cfg.rollout.n)]
+            per_seq = [s for s in samples for _ in range(cfg.rollout.n)]
+            result = self.reward(
+                rollout.texts,
+                answers,
+                sample_ids=[s.id for s in per_seq],
+                question=[s.question for s in per_seq],
+            )
+            rewards = torch.tensor(result.total, dtype=torch.float32)
+            if cfg.reward.overlong_buffer > 0:
+                rewards = rewards + overlong_penalty(
+                    rollout.lengths,
+                    max_length=cfg.rollout.max_new_tokens,
+                    buffer=cfg.reward.overlong_buffer,
+                    factor=cfg.reward.overlong_penalty,
+                )
+            components = {
+                k: torch.tensor(v, dtype=torch.float32) for k, v in result.components.items()
+            }
+            t["rollout"] += tb - ta
+            t["reward"] += time.perf_counter() - tb
+            groups = B.groups_from_rollout(samples, images, messages, rollout, rewards, components)
+            seen += len(groups)
+            keep = (
+                B.keep_informative(groups, ocfg.ds_low, ocfg.ds_high)
+                if ocfg.dynamic_sampling
+                else [True] * len(groups)
+            )
+            if rounds == 1 and all(keep):
+                reuse_prompts = prompts
+            kept += [g for g, k in zip(groups, keep) if k]
+        if not kept:  # every group was uninformative for ds_max_rounds rounds
+            kept = groups
+        kept = kept[:target]
+        prompts = reuse_prompts if reuse_prompts is not None and len(kept) == len(groups) else None
+        step = B.assemble(
+            self.processor, kept, prompts=prompts, scale=ocfg.adv_scale, eps=ocfg.adv_eps
+        )
+        return step, rounds, len(kept) / max(seen, 1)
+
+    def _update(self, step: B.StepBatch, fixed: FixedScores) -> dict[str, float]:
+        cfg = self.cfg
+        n_mini = max(1, len(step.batch) // cfg.mini_batch)
+        mini = -(-len(step.batch) // n_mini)
+        micro = min(cfg.micro_batch, mini)
+        return ppo_update(
+            self.model,
+            self.optimizer,
+            step,
+            fixed,
+            self.req,
+            cfg.objective,
+            state=self.updates,
+            epochs=cfg.train.ppo_epochs,
+            mini_batch=mini,
+            micro_batch=micro,
+            micro_norm=cfg.train.micro_batch_norm,
+            temperature=cfg.rollout.temperature,
+            stack=cfg.train.stack_variants,
+            grad_clip=cfg.optim.grad_clip,
+            lr=cfg.optim.lr,
+            warmup=cfg.optim.warmup_steps,
+            total_updates=cfg.train.steps * cfg.train.ppo_epochs * n_mini,
+            schedule=cfg.optim.schedule,
+            progress=self.step_count / cfg.train.steps,
+            gamma_scale=self.guard.gamma_scale,
+        )
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        """Run the remaining steps; returns the metrics of the steps run now."""
+        from vispo.train.progress import StepProgress
+
+        cfg = self.cfg
+        if self.step_count == 0 and self.eval_data is not None and cfg.data.eval_size > 0:
+            self.eval_results["accuracy_before"] = self.evaluate()
+            self.log(f"held-out accuracy before RL: {self.eval_results['accuracy_before']:.3f}")
+        run: list[dict] = []
+        with StepProgress(
+            cfg.train.steps, start=self.step_count, enabled=cfg.logging.progress
+        ) as bar:
+            while self.step_count < cfg.train.steps:
+                metrics = self.step()
+                self.step_count += 1
+                self._after_step(metrics)
+                run.append({"step": self.step_count, **metrics})
+                bar.advance(metrics)
+        if self.eval_data is not None and cfg.data.eval_size > 0:
+            self.eval_results["accuracy_after"] = self.evaluate()
+            self.log(f"held-out accuracy after RL: {self.eval_results['accuracy_after']:.3f}")
+            self.metrics_log.log(
+                self.step_count, {f"eval/{k}": v for k, v in self.eval_results.items()}
+            )
+        if (
+            not latest_checkpoint(self.out)
+            or latest_checkpoint(self.out).name != f"step-{self.step_count:06d}"
+        ):
+            self.save()
+        self.metrics_log.close()
+        return run
+
+    def _after_step(self, metrics: dict[str, float]) -> None:
+        cfg, step = self.cfg, self.step_count
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.eval_data is not None:
+            metrics["eval/accuracy"] = self.evaluate()
+        event = self.guard.observe(step, metrics) if cfg.guard.enabled else None
+        if event is not None:
+            metrics["guard/event"] = 1.0
+            self.log(f"collapse guard at step {step}: {event.signals} -> {event.action}")
+        metrics["guard/gamma_scale"] = self.guard.gamma_scale
+        self.metrics_log.log(step, metrics)
+        self.history.append({"step": step, **metrics})
+        if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+            self._write_samples(step)
+        if self.updates.skipped_in_row >= cfg.train.max_skipped_in_row:
+            path = self.save()
+            raise TrainingStopped(
+                f"{self.updates.skipped_in_row} consecutive updates had a non-finite loss or "
+                f"gradient norm (train.max_skipped_in_row={cfg.train.max_skipped_in_row}); "
+                f"stopped at step {step} with a checkpoint at {path}. Lower optim.lr or inspect "
+                "the rewards and inputs."
+            )
+        if event is not None and event.action == "stop":
+            path = self.save()
+            raise TrainingStopped(
+                f"collapse guard: perception-KL hacking suspected at step {step} ({event.signals});"
+                f" stopped with a checkpoint at {path}. Consider a smaller objective.gamma."
+            )
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            self.save()
+
+    def _write_samples(self, step: int) -> None:
+        last = self._last_step
+        rows = [
+            {
+                "images": g.images,
+                "question": g.sample.question,
+                "answer": g.sample.answer,
+                "completions": g.texts,
+                "rewards": g.rewards.tolist(),
+            }
+            for g in last.groups[: self.cfg.logging.samples_per_page]
+        ]
+        write_samples_page(self.out / "samples" / f"step-{step:06d}.html", step, rows)
+
+    def evaluate(self) -> float:
+        """Greedy accuracy on the first ``data.eval_size`` held-out questions."""
+        from vispo.eval.accuracy import greedy_accuracy
+
+        samples = [
+            self.eval_data[i] for i in range(min(self.cfg.data.eval_size, len(self.eval_data)))
+        ]
+        return greedy_accuracy(
+            self.model,
+            self.processor,
+            samples,
+            self.template,
+            self.reward,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+            budget=self.budget,
+        )
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "np_rng": self.rng.bit_generator.state,
+            "guard": self.guard.state_dict(),
+            "updates": self.updates.__dict__,
+            "eval": self.eval_results,
+        }
+        return save_checkpoint(
+            self.out,
+            self.step_count,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=state,
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self.step_count = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng.bit_generator.state = state["np_rng"]
+        self.guard.load_state_dict(state["guard"])
+        self.updates = UpdateState(**state["updates"])
+        self.eval_results = state.get("eval", {})
+        self.log(f"resumed from {path} (step {self.step_count})")

@@ -1,0 +1,284 @@
+"""Scoring passes and the policy update for one step (no math: it calls vispo.algos).
+
+1. ``score_fixed``: the no-gradient passes, once per rollout batch: the pre-update policy
+   (skipped when the update is exactly on-policy: one epoch, one mini-batch), the masked image
+   when PAPO's masked branch is detached, and the reference model when beta > 0.
+2. ``ppo_update``: for each epoch and mini-batch, forward with gradient on the original image
+   and on whichever variants carry gradient (CPPO's views only for sequences with positive
+   advantage when gating is on), compose the objective, backward, clip, step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+
+from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
+from vispo.models.scoring import ScoringBatch, score
+from vispo.train.optim import lr_factor
+
+
+@dataclasses.dataclass
+class FixedScores:
+    old_logp: torch.Tensor | None  # None: on-policy, use the current log-probs detached
+    ref_logp: torch.Tensor | None
+    variant_logp: dict[str, torch.Tensor]  # "fixed" variants
+    variant_entropy: dict[str, torch.Tensor]
+
+
+def score_fixed(
+    model,
+    ref_model,
+    batch: ScoringBatch,
+    variants: dict[str, dict],
+    req: Requirements,
+    *,
+    on_policy: bool,
+    temperature: float,
+    micro_batch: int,
+    stack: bool,
+    ref_context=contextlib.nullcontext,
+) -> FixedScores:
+    fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
+    passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
+    flags = ([] if on_policy else [False]) + [name in req.entropy for name in fixed]
+    old_logp, variant_logp, variant_entropy = None, {}, {}
+    if passes:
+        was_training = model.training
+        model.eval()
+        out = score(
+            model,
+            batch,
+            passes,
+            temperature=temperature,
+            entropy=flags,
+            grad=False,
+            stack=stack,
+            micro_batch_size=micro_batch,
+        )
+        model.train(was_training)
+        if not on_policy:
+            old_logp = out.pop(0).logp
+        for name, s in zip(fixed, out):
+            variant_logp[name] = s.logp
+            if s.entropy is not None:
+                variant_entropy[name] = s.entropy
+    ref_logp = None
+    if req.ref:
+        with ref_context():
+            ref_logp = score(
+                ref_model,
+                batch,
+                [None],
+                temperature=temperature,
+                grad=False,
+                micro_batch_size=micro_batch,
+            )[0].logp
+    return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy)
+
+
+class MetricSums:
+    """Averages per-micro-batch metric tensors over a step without host syncs until the end.
+
+    ``loss/*`` values are parts of their mini-batch's loss: they are summed within a
+    mini-batch (scaled like the loss) and averaged over mini-batches. Other metrics are
+    token-weighted means.
+    """
+
+    def __init__(self):
+        self.loss: dict[str, torch.Tensor] = {}
+        self.other: dict[str, torch.Tensor] = {}
+        self.tokens = 0.0
+        self.minibatches = 0
+        self._weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor], *, loss_scale: float, tokens: float) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            if k.startswith("loss/"):
+                self.loss[k] = self.loss.get(k, 0.0) + v * loss_scale
+            else:
+                self.other[k] = self.other.get(k, 0.0) + v * tokens
+                self._weights[k] = self._weights.get(k, 0.0) + tokens
+
+    def result(self) -> dict[str, float]:
+        out = {k: (v / max(self.minibatches, 1)).item() for k, v in self.loss.items()}
+        out.update({k: (v / max(self._weights[k], 1e-8)).item() for k, v in self.other.items()})
+        return out
+
+
+@dataclasses.dataclass
+class UpdateState:
+    """Counters the update carries across steps (checkpointed)."""
+
+    updates: int = 0
+    skipped: int = 0
+    skipped_in_row: int = 0
+
+
+def ppo_update(
+    model,
+    optimizer,
+    step,
+    fixed: FixedScores,
+    req: Requirements,
+    ocfg,
+    *,
+    state: UpdateState,
+    epochs: int,
+    mini_batch: int,
+    micro_batch: int,
+    micro_norm: str,
+    temperature: float,
+    stack: bool,
+    grad_clip: float,
+    lr: float,
+    warmup: int,
+    total_updates: int,
+    schedule: str,
+    progress: float,
+    gamma_scale: float,
+) -> dict[str, float]:
+    """Run the PPO epochs over one step's batch; returns averaged metrics."""
+    batch, adv = step.batch, step.advantages
+    B = len(batch)
+    grad_variants = [
+        name for name, mode in req.variants.items() if mode == "grad" and name == "mask"
+    ]
+    cppo = "pos" in req.variants
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = MetricSums()
+    grad_norms = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(B) if B > mini_batch else torch.arange(B)
+        for mb in order.split(mini_batch):
+            mb_batch = batch.select(mb)
+            total = (
+                aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon)
+                if micro_norm == "global"
+                else None
+            )
+            micro = list(mb.split(micro_batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss_ok = torch.tensor(True)
+            for idx in micro:
+                sub = batch.select(idx)
+                x = _forward(
+                    model,
+                    sub,
+                    idx,
+                    adv,
+                    step.variants,
+                    fixed,
+                    req,
+                    grad_variants,
+                    cppo,
+                    temperature=temperature,
+                    stack=stack,
+                )
+                loss, metrics = compute_objective(
+                    ocfg,
+                    x,
+                    progress=progress,
+                    gamma_scale=gamma_scale,
+                    total=total,
+                    micro_weight=len(idx) / len(mb),
+                )
+                scale = 1.0 if micro_norm == "global" else 1.0 / len(micro)
+                (loss * scale).backward()
+                loss_ok &= torch.isfinite(loss)
+                sums.add(metrics, loss_scale=scale, tokens=float(len(idx)))
+            sums.minibatches += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, grad_clip if grad_clip > 0 else math.inf
+            )
+            # One host sync per optimizer step: skip it if the loss or gradient is not finite.
+            if bool(loss_ok) and math.isfinite(float(grad_norm)):
+                factor = lr_factor(
+                    state.updates, warmup=warmup, total=total_updates, schedule=schedule
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0) * factor
+                optimizer.step()
+                state.updates += 1
+                state.skipped_in_row = 0
+                grad_norms.append(float(grad_norm))
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped += 1
+                state.skipped_in_row += 1
+    out = sums.result()
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["lr"] = lr * lr_factor(
+        max(state.updates - 1, 0), warmup=warmup, total=total_updates, schedule=schedule
+    )
+    out["skipped_steps"] = float(state.skipped)
+    return out
+
+
+def _forward(
+    model,
+    sub: ScoringBatch,
+    idx,
+    adv,
+    variants,
+    fixed: FixedScores,
+    req: Requirements,
+    grad_variants,
+    cppo: bool,
+    *,
+    temperature: float,
+    stack: bool,
+) -> ObjectiveInputs:
+    """Forward passes with gradient for one micro-batch -> the objective's inputs."""
+    passes = [None] + [variants[name] for name in grad_variants]
+    flags = ["orig" in req.entropy] + [name in req.entropy for name in grad_variants]
+    out = score(model, sub, passes, temperature=temperature, entropy=flags, grad=True, stack=stack)
+    orig = out[0]
+    by_name = dict(zip(grad_variants, out[1:]))
+    a = adv[idx]
+
+    def fixed_rows(d: dict, name: str):
+        return d[name][idx] if name in d else None
+
+    logp_mask = (
+        by_name["mask"].logp if "mask" in by_name else fixed_rows(fixed.variant_logp, "mask")
+    )
+    entropy_mask = (
+        by_name["mask"].entropy if "mask" in by_name else fixed_rows(fixed.variant_entropy, "mask")
+    )
+    x = ObjectiveInputs(
+        logp=orig.logp,
+        advantages=a,
+        mask=sub.response_mask,
+        old_logp=None if fixed.old_logp is None else fixed.old_logp[idx],
+        ref_logp=None if fixed.ref_logp is None else fixed.ref_logp[idx],
+        logp_mask=logp_mask,
+        entropy=orig.entropy,
+        entropy_mask=entropy_mask,
+    )
+    if cppo:
+        rows = (
+            torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(idx))
+        )
+        T = sub.response_mask.shape[1]
+        if rows.numel() > 0:
+            pos, neg = score(
+                model,
+                sub.select(rows),
+                [variants["pos"], variants["neg"]],
+                temperature=temperature,
+                entropy=[False, "neg" in req.entropy],
+                grad=True,
+                stack=stack,
+            )
+            x.logp_pos, x.logp_neg, x.entropy_neg = pos.logp, neg.logp, neg.entropy
+        else:
+            empty = orig.logp.new_zeros(0, T)
+            x.logp_pos, x.logp_neg, x.entropy_neg = empty, empty, empty
+        x.cppo_rows = rows
+    return x
