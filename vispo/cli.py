@@ -51,9 +51,8 @@ def _train(argv: list[str]) -> int:
 
 
 def default_config_path() -> Path:
-    from vispo.train.setup import BUILTIN_MODELS_DIR
-
-    return BUILTIN_MODELS_DIR / "quickstart.yaml"
+    """The embedded default: PAPO-G on easy-vqa from the shipped small VLM."""
+    return Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
 
 def _export(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
 from .policy import ppo_clip_loss
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
+_WARNED: set[str] = set()  # one-time warnings already shown in this process
 
 
 def _f(default, help: str, *, factory=None):
@@ -174,11 +175,12 @@ class ObjectiveConfig:
                 close = difflib.get_close_matches(term, OBJECTIVE_TERMS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"objective.extra_terms: unknown term {term!r}{hint}")
-        if self.eta_mask > 0 and not self.masked_grad:
+        if self.eta_mask > 0 and not self.masked_grad and "eta_mask" not in _WARNED:
+            _WARNED.add("eta_mask")
             warnings.warn(
                 "objective.eta_mask > 0 with masked_grad=False: the masked-image entropy term is "
-                "a constant and contributes no gradient (as in the PAPO reference code). Set "
-                "masked_grad=True to make it a real term.",
+                "a constant and contributes no gradient (as in the PAPO reference code; warned "
+                "once). Set masked_grad=True to make it a real term.",
                 stacklevel=4,
             )
 
@@ -229,11 +231,7 @@ def objective_preset(name: str, **overrides) -> ObjectiveConfig:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown objective preset {name!r}{hint}; choose from {sorted(PRESETS)}")
-    with warnings.catch_warnings():
-        # papo_d's eta_mask warning is expected and documented; only user overrides warn.
-        if "eta_mask" not in overrides and "masked_grad" not in overrides:
-            warnings.simplefilter("ignore")
-        return ObjectiveConfig(name=name, **{**PRESETS[name], **overrides})
+    return ObjectiveConfig(name=name, **{**PRESETS[name], **overrides})
 
 
 @dataclass(frozen=True)
