@@ -1,0 +1,210 @@
+"""Tiny end-to-end runs: every preset, resume exactness, NaN skipping, checkpoints, export."""
+
+import json
+
+import pytest
+import torch
+
+from vispo.algos import OBJECTIVE_TERMS, register_term
+from vispo.rewards import RewardRunner
+from vispo.train import checkpoint as ckpt_module
+from vispo.train.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint
+from vispo.train.config import load_config
+from vispo.train.logging import read_metrics
+from vispo.train.trainer import Trainer, TrainingStopped
+
+SECTION_11 = [
+    "reward/mean",
+    "reward/std",
+    "frac_zero_std_groups",
+    "response_length/mean",
+    "response_length/max",
+    "response_length/clip_ratio",
+    "loss/total",
+    "loss/policy",
+    "clip/low",
+    "clip/high",
+    "clip/dual",
+    "approx_kl",
+    "grad_norm",
+    "lr",
+    "entropy/orig",
+    "dynamic_sampling/rounds",
+    "dynamic_sampling/kept_frac",
+    "time/rollout",
+    "time/reward",
+    "time/score",
+    "time/update",
+    "time/step",
+    "throughput/tokens_per_s",
+    "skipped_steps",
+]
+PER_PRESET = {
+    "grpo": ["loss/ref_kl"],
+    "dapo": [],
+    "dr_grpo": [],
+    "papo_g": ["loss/ref_kl", "loss/perception_kl", "perception/kl_mean", "entropy/mask"],
+    "papo_d": [
+        "loss/perception_kl",
+        "loss/entropy_orig",
+        "loss/entropy_mask",
+        "perception/kl_mean",
+    ],
+    "cppo": ["loss/ref_kl", "loss/cpl", "perception/selected_frac"],
+}
+
+
+def parity_reward(completions, answers, **columns):
+    """Deterministic, mixed within groups: 1 for an even number of characters."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def _cfg(tmp_path, preset, *extra):
+    return load_config(
+        None,
+        [
+            f"objective.name={preset}",
+            "model.name_or_path=tiny:qwen2_vl",
+            "data.limit=24",
+            "data.eval_size=0",
+            "train.steps=2",
+            "train.prompts_per_step=2",
+            "rollout.n=3",
+            "rollout.max_new_tokens=5",
+            f"train.out_dir={tmp_path / preset}",
+            "logging.progress=false",
+            "optim.lr=1e-3",
+            "train.samples_every=0",
+            "train.save_every=0",
+            *extra,
+        ],
+    )
+
+
+def _trainer(cfg, **kw):
+    return Trainer(cfg, reward_fn=RewardRunner(parity_reward, num_workers=0), **kw)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", list(PER_PRESET))
+def test_every_preset_trains_and_logs_its_metrics(tmp_path, preset):
+    trainer = _trainer(_cfg(tmp_path, preset))
+    before = _weights(trainer.model)
+    history = trainer.train()
+    assert len(history) == 2
+    for m in history:
+        missing = [k for k in SECTION_11 + PER_PRESET[preset] if k not in m]
+        assert not missing, missing
+        parts = [v for k, v in m.items() if k.startswith("loss/") and k != "loss/total"]
+        assert sum(parts) == pytest.approx(m["loss/total"], abs=1e-5)
+        assert 0.0 <= m["reward/mean"] <= 1.0
+    changed = [k for k, v in _weights(trainer.model).items() if not torch.equal(v, before[k])]
+    assert changed, "no parameter moved"
+    logged = read_metrics(tmp_path / preset)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert latest_checkpoint(tmp_path / preset).name == "step-000002"
+
+
+def test_step_metrics_match_the_rollouts(tmp_path):
+    trainer = _trainer(_cfg(tmp_path, "grpo"))
+    m = trainer.step()
+    step = trainer._last_step
+    texts = [t for g in step.groups for t in g.texts]
+    expected = parity_reward(texts, [])
+    assert m["reward/mean"] == pytest.approx(sum(expected) / len(expected))
+    lengths = [float(r.numel()) for g in step.groups for r in g.response_ids]
+    assert m["response_length/mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert step.batch.response_mask.sum().item() == sum(lengths)
+    # Group-relative advantages sum to zero within each prompt's group.
+    assert step.advantages.view(len(step.groups), -1).sum(-1).abs().max() < 1e-5
+
+
+def test_resume_continues_exactly(tmp_path):
+    extra = ["train.steps=4", "train.save_every=2"]
+    full = _trainer(_cfg(tmp_path / "a", "papo_g", *extra)).train()
+
+    cfg = _cfg(tmp_path / "b", "papo_g", *extra)
+    first = _trainer(cfg)
+    for _ in range(2):  # run two steps and "crash" after the step-2 checkpoint
+        metrics = first.step()
+        first.step_count += 1
+        first._after_step(metrics)
+    assert latest_checkpoint(cfg.train.out_dir).name == "step-000002"
+    resumed = _trainer(cfg, resume=True)
+    assert resumed.step_count == 2
+    rest = resumed.train()
+    assert [m["step"] for m in rest] == [3, 4]
+    for a, b in zip(full[2:], rest):
+        for key, value in a.items():
+            if not key.startswith(("time/", "throughput/")):
+                assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert [r["step"] for r in read_metrics(cfg.train.out_dir)] == [1, 2, 3, 4]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path):
+    @register_term("test_nan")
+    def nan_term(x):
+        return x.logp.sum() * float("nan"), {}
+
+    try:
+        cfg = _cfg(tmp_path, "grpo", "train.steps=5", "train.max_skipped_in_row=2")
+        cfg.objective.extra_terms = {"test_nan": {"weight": 1.0}}
+        trainer = _trainer(cfg)
+        before = _weights(trainer.model)
+        with pytest.raises(TrainingStopped, match="2 consecutive updates"):
+            trainer.train()
+        after = _weights(trainer.model)
+        assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step moved weights"
+        assert trainer.updates.skipped == 2 and trainer.updates.updates == 0
+        assert read_metrics(tmp_path / "grpo")[-1]["skipped_steps"] == 2
+        assert latest_checkpoint(tmp_path / "grpo").name == "step-000002"
+    finally:
+        OBJECTIVE_TERMS.pop("test_nan")
+
+
+def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = _trainer(_cfg(tmp_path, "grpo", "train.keep_last=2"))
+    trainer.step_count = 1
+    first = trainer.save()
+    good = (first / "weights.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module, "save_model", full_disk)
+    trainer.step_count = 2
+    with pytest.raises(CheckpointError, match="No space left on device.*step-000001"):
+        trainer.save()
+    assert [p.name for p in checkpoint_dirs(trainer.out)] == ["step-000001"]
+    assert (first / "weights.safetensors").read_bytes() == good
+    assert not list((trainer.out / "checkpoints").glob("*.tmp"))
+    monkeypatch.undo()
+    for step in (2, 3, 4):  # rotation keeps the newest two
+        trainer.step_count = step
+        trainer.save()
+    assert [p.name for p in checkpoint_dirs(trainer.out)] == ["step-000003", "step-000004"]
+    state = json.loads((trainer.out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and "sampler" in state and "np_rng" in state
+
+
+def test_export_loads_with_from_pretrained_and_matches(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vispo.models.loading import load_policy
+    from vispo.train.export import export_run
+
+    cfg = _cfg(tmp_path, "grpo", "train.steps=1")
+    trainer = _trainer(cfg)
+    trainer.train()
+    out = export_run(cfg.train.out_dir, tmp_path / "export")
+    hf = AutoModelForImageTextToText.from_pretrained(out).eval()
+    policy, _ = load_policy(str(out))
+    batch = trainer._last_step.batch
+    inputs = batch.model_inputs()
+    with torch.no_grad():
+        ref = trainer.model.eval()(**inputs).logits
+        torch.testing.assert_close(hf(**inputs).logits, ref)
+        torch.testing.assert_close(policy.eval()(**inputs).logits, ref)
