@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vispo-installed
 THREADS ?= 2
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-slow lint demo tiny-model bench clean
 
 install: $(STAMP)
 
@@ -37,8 +37,13 @@ test-slow: install
 lint: install
 	$(PY) -m ruff check vispo tests benchmarks
 
+# The main job: `vispo train` with no arguments = PAPO-G on easy-vqa from the shipped small VLM.
 demo: install
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m vispo.demo
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m vispo.cli train
+
+# Rebuild the shipped small VLM (vispo/assets/vispo-tiny) from scratch, seeded.
+tiny-model: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/build_tiny_model.py --out vispo/assets/vispo-tiny
 
 bench: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
