@@ -1,0 +1,215 @@
+"""Rollouts with Hugging Face ``generate``: n sampled responses per prompt, one batched call.
+
+The prompts are left-padded (:func:`vispo.models.scoring.encode_prompts`) and generated with
+``num_return_sequences=n`` and the KV cache, so the n responses of prompt i are rows
+``i*n ... i*n + n - 1``. Sampling is exactly ``softmax(logits / temperature)`` with optional
+nucleus (top-p) truncation: the checkpoint's own ``generation_config`` sampling defaults
+(top-k, repetition penalty, ...) are deliberately ignored, because the RL objective scores
+the responses under the plain tempered distribution and any other warping biases it.
+
+Seeding: with ``seed`` given, generation runs inside ``torch.random.fork_rng`` after
+``torch.manual_seed(seed)`` (``generate`` draws from the global torch RNG and takes no
+``torch.Generator``), so the same seed gives the same responses and the caller's global RNG
+state is left untouched. ``seed=None`` draws from (and advances) the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from vispo.models.scoring import PromptBatch, response_mask_from_ids
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Responses of one rollout (``B = len(prompts) * n`` rows, n consecutive per prompt).
+
+    Attributes:
+        response_ids: ``[B, T]`` token ids, right-padded with the pad id (T = the longest
+            response, at most ``max_new_tokens``).
+        response_mask: ``[B, T]`` float, 1 for real tokens (EOS included, nothing after it).
+        lengths: ``[B]`` number of real tokens.
+        stopped: ``[B]`` bool, True if the response ended with EOS; False if it hit the
+            length cap (truncated).
+        texts: decoded responses (special tokens skipped).
+        n: responses per prompt.
+        prompt_index: ``[B]`` the prompt of each row.
+    """
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    texts: list[str]
+    n: int
+    prompt_index: torch.Tensor
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """``[B]`` bool: hit the length cap without EOS."""
+        return ~self.stopped
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying transformers model (PEFT wrappers expose it via ``get_base_model``)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def stop_token_ids(model: torch.nn.Module, processor) -> list[int]:
+    """EOS ids: the model's generation config's plus the tokenizer's, deduplicated."""
+    ids = _as_list(getattr(_unwrap(model).generation_config, "eos_token_id", None))
+    ids += _as_list(getattr(processor.tokenizer, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+def finish_responses(
+    sequences: torch.Tensor,
+    prompt_length: int,
+    *,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    tokenizer,
+    n: int,
+) -> Rollout:
+    """Turn ``generate`` output ``[B, Lp + T]`` into a :class:`Rollout`.
+
+    A response ends at its first EOS (kept, and counted as stopped); everything after it is
+    masked and overwritten with the pad id. A response without EOS is truncated at the cap.
+    """
+    response = sequences[:, prompt_length:]
+    is_eos = torch.zeros_like(response, dtype=torch.bool)
+    for eos in eos_token_ids:
+        is_eos |= response == eos
+    stopped = is_eos.any(-1)
+    # `generate` runs until every row has an EOS or the cap is reached, so a row without EOS
+    # is full length: the pad id plays no part in finding where a response ends.
+    mask = response_mask_from_ids(response, eos_token_ids, None)
+    response = torch.where(mask.bool(), response, torch.full_like(response, pad_token_id))
+    texts = tokenizer.batch_decode(
+        [row[: int(length)].tolist() for row, length in zip(response, mask.sum(-1))],
+        skip_special_tokens=True,
+    )
+    B = response.shape[0]
+    return Rollout(
+        response_ids=response,
+        response_mask=mask,
+        lengths=mask.sum(-1).long(),
+        stopped=stopped,
+        texts=texts,
+        n=n,
+        prompt_index=torch.arange(B // n).repeat_interleave(n),
+    )
+
+
+@contextlib.contextmanager
+def _only_generation_config(model: torch.nn.Module, config: GenerationConfig):
+    """Temporarily make `config` the model's generation config, so no checkpoint default
+    (top-k, repetition penalty, suppressed tokens, ...) leaks into sampling."""
+    base = _unwrap(model)
+    saved = base.generation_config
+    base.generation_config = config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def generate(
+    model: torch.nn.Module,
+    processor,
+    prompts: PromptBatch,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+    seed: int | None = None,
+    do_sample: bool = True,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Rollout:
+    """Sample `n` responses per prompt with one batched ``model.generate`` call.
+
+    Args:
+        model: the policy (PEFT-wrapped or not).
+        processor: its processor (for the tokenizer: decoding, EOS and pad ids).
+        prompts: left-padded prompts from ``encode_prompts``.
+        n: responses per prompt.
+        max_new_tokens: length cap.
+        temperature: sampling temperature (> 0); ignored when ``do_sample=False``.
+        top_p: nucleus sampling mass (1.0 = off).
+        min_new_tokens: EOS is suppressed before this many tokens.
+        seed: makes the call reproducible without touching the global RNG (module docstring).
+        do_sample: False = greedy decoding (the n responses of a prompt are then identical).
+        eos_token_ids: stop tokens (default: :func:`stop_token_ids`).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
+        )
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    tokenizer = processor.tokenizer
+    eos = list(eos_token_ids) if eos_token_ids is not None else stop_token_ids(model, processor)
+    if not eos:
+        raise ValueError("no EOS token id: pass eos_token_ids or set one on the tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    config = GenerationConfig(
+        do_sample=do_sample,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        # Greedy decoding gives n identical responses: decode once, repeat the rows.
+        num_return_sequences=n if do_sample else 1,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        use_cache=True,
+    )
+    prompts = prompts.left_padded()
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in prompts.model_inputs().items()}
+    if seed is None:
+        rng = contextlib.nullcontext()
+    else:
+        devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices)
+    with rng, _only_generation_config(model, config), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        sequences = model.generate(**inputs, generation_config=config)
+    if not do_sample:
+        sequences = sequences.repeat_interleave(n, dim=0)
+    return finish_responses(
+        sequences.cpu(),
+        prompts.input_ids.shape[1],
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        tokenizer=tokenizer,
+        n=n,
+    )
