@@ -230,3 +230,34 @@ def test_generate_validates_its_arguments(prompts_for):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             generate(model, processor, prompts, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
+def test_image_placeholder_tokens_are_never_generated(arch, sample_images, make_conversation):
+    from vispo.models.scoring import encode_prompts
+    from vispo.models.tiny import build_tiny_vlm
+    from vispo.rollout.hf import generate, multimodal_token_ids
+
+    model, processor = build_tiny_vlm(arch, seed=3)
+    ids = multimodal_token_ids(processor)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert image_id in ids
+
+    # Make the image placeholder the most likely next token everywhere.
+    def boost(module, inputs, output):
+        output[..., image_id] += 100.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(boost)
+    try:
+        prompts = encode_prompts(
+            processor, [make_conversation(1, "Describe.")], [sample_images[:1]]
+        )
+        with torch.no_grad():  # control: unsuppressed, the placeholder is the argmax
+            logits = model(**prompts.model_inputs()).logits[:, -1]
+        assert int(logits.argmax(-1)) == image_id
+        out = generate(model, processor, prompts, n=4, max_new_tokens=6, seed=0)
+        assert not any(i in ids for i in out.response_ids[out.response_mask.bool()].tolist())
+        assert out.lengths.min() >= 1
+    finally:
+        handle.remove()

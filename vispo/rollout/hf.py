@@ -118,6 +118,43 @@ def finish_responses(
     )
 
 
+_MULTIMODAL_TOKEN_ATTRS = (
+    "image_token",
+    "video_token",
+    "vision_start_token",
+    "vision_end_token",
+    "fake_image_token",
+    "global_image_token",
+    "boi_token",
+    "eoi_token",
+    "image_start_token",
+    "image_end_token",
+)
+
+
+def multimodal_token_ids(processor) -> list[int]:
+    """Ids of the processor's image/video placeholder tokens.
+
+    A response must never contain one: the next forward would count it as an image slot
+    ("image features and image tokens do not match"). ``generate`` suppresses them; their
+    probability under a trained model is negligible, so the sampled distribution is the
+    tempered softmax up to that mass.
+    """
+    tokenizer = processor.tokenizer
+    ids = set()
+    for attr in _MULTIMODAL_TOKEN_ATTRS:
+        token = getattr(processor, attr, None) or getattr(tokenizer, attr, None)
+        if isinstance(token, str) and token:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    for attr in ("image_token_id", "video_token_id"):
+        tid = getattr(processor, attr, None)
+        if isinstance(tid, int):
+            ids.add(tid)
+    return sorted(ids)
+
+
 @contextlib.contextmanager
 def _only_generation_config(model: torch.nn.Module, config: GenerationConfig):
     """Temporarily make `config` the model's generation config, so no checkpoint default
@@ -189,6 +226,7 @@ def generate(
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=None,
+        suppress_tokens=multimodal_token_ids(processor) or None,
         use_cache=True,
     )
     prompts = prompts.left_padded()
