@@ -251,3 +251,25 @@ def generate(
         tokenizer=tokenizer,
         n=n,
     )
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several (in order), right-padding responses to the longest."""
+    if not rollouts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    n = rollouts[0].n
+    T = max(r.response_ids.shape[1] for r in rollouts)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+
+    offsets = torch.cumsum(torch.tensor([0] + [len(r) // n for r in rollouts[:-1]]), 0)
+    return Rollout(
+        response_ids=torch.cat([pad(r.response_ids, pad_token_id) for r in rollouts]),
+        response_mask=torch.cat([pad(r.response_mask, 0.0) for r in rollouts]),
+        lengths=torch.cat([r.lengths for r in rollouts]),
+        stopped=torch.cat([r.stopped for r in rollouts]),
+        texts=[t for r in rollouts for t in r.texts],
+        n=n,
+        prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets.tolist())]),
+    )

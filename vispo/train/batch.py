@@ -37,6 +37,7 @@ class Group:
     rewards: torch.Tensor  # [n]
     components: dict[str, torch.Tensor]  # name -> [n]
     truncated: torch.Tensor  # [n] bool
+    key: tuple[int, ...] = ()  # (step, round, position in the global batch): seeds its draws
 
 
 @dataclasses.dataclass
@@ -87,7 +88,9 @@ def pad_responses(responses: list[torch.Tensor], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def groups_from_rollout(samples, images, messages, rollout, rewards, components) -> list[Group]:
+def groups_from_rollout(
+    samples, images, messages, rollout, rewards, components, keys
+) -> list[Group]:
     n = rollout.n
     groups = []
     for i, sample in enumerate(samples):
@@ -104,6 +107,7 @@ def groups_from_rollout(samples, images, messages, rollout, rewards, components)
                 rewards=rewards[i * n : (i + 1) * n],
                 components={k: v[i * n : (i + 1) * n] for k, v in components.items()},
                 truncated=rollout.truncated[i * n : (i + 1) * n],
+                key=keys[i],
             )
         )
     return groups
@@ -141,11 +145,18 @@ def assemble(
     )
 
 
+def prompt_rng(seed: int, key: tuple[int, ...], stream: int) -> np.random.Generator:
+    """The generator of one prompt's draws: a function of (run seed, step, round, position in
+    the global batch, stream), so the draws do not depend on how prompts are split into ranks
+    or batches."""
+    return np.random.default_rng([seed, *key, stream])
+
+
 def draw_variants(
     step: StepBatch,
     processor,
     names: list[str],
-    rng: np.random.Generator,
+    seed: int,
     *,
     mask_ratio: float,
     mask_patch_size: int,
@@ -153,12 +164,13 @@ def draw_variants(
 ) -> None:
     """Draw each prompt's perturbed images (shared by its rollouts) and their pixel inputs.
 
-    Draw order per prompt, per image: mask, then I+, then I- — fixed, so a seed reproduces.
+    Each prompt draws from :func:`prompt_rng`; per image the order is mask, then I+, then I-.
     """
     if not names:
         return
     images = {name: [] for name in names}
     for g in step.groups:
+        rng = prompt_rng(seed, g.key, 0)
         per = {name: [] for name in names}
         for img in g.images:
             if "mask" in per:
@@ -175,6 +187,20 @@ def draw_variants(
     step.variants = {
         name: pixel_inputs(processor, images[name], reference=step.prompts) for name in names
     }
+
+
+def trim_left_padding(prompts: PromptBatch) -> PromptBatch:
+    """Drop the columns that are padding in every row (a single prompt: all its padding)."""
+    real = prompts.attention_mask.bool().any(0)
+    first = int(real.nonzero()[0])
+    if first == 0:
+        return prompts
+    return dataclasses.replace(
+        prompts,
+        input_ids=prompts.input_ids[:, first:],
+        attention_mask=prompts.attention_mask[:, first:],
+        token_inputs={k: v[:, first:] for k, v in prompts.token_inputs.items()},
+    )
 
 
 def rollout_metrics(step: StepBatch, max_new_tokens: int) -> dict[str, torch.Tensor]:

@@ -79,6 +79,12 @@ class RolloutConfig:
     top_p: float = _f(1.0, "Nucleus sampling; PAPO uses 0.99, CPPO 1.0.")
     max_new_tokens: int = _f(256, "Maximum response length in tokens.")
     min_new_tokens: int = _f(0, "Minimum response length (forces longer outputs).")
+    batch_invariant: bool = _f(
+        False,
+        "Generate each prompt separately with its own seed (from the run seed, step and its "
+        "place in the global batch), so the samples do not depend on batching or the number of "
+        "ranks. Slower: prompts are not batched together.",
+    )
 
 
 @dataclass
@@ -133,6 +139,12 @@ class TrainConfig:
         5, "Stop (with a checkpoint) after this many consecutive non-finite steps."
     )
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice).")
+    device: str = _f("auto", "auto (CUDA when available), cuda or cpu.")
+    strategy: str = _f(
+        "ddp",
+        "Under torchrun: 'ddp' (replicated weights) or 'fsdp2' (sharded parameters, "
+        "gradients and optimizer state).",
+    )
 
 
 @dataclass
@@ -210,6 +222,8 @@ class Config:
             "must be 'global' or 'per-micro'",
         )
         need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+        need(t.device in ("auto", "cuda", "cpu"), "train.device", "must be auto, cuda or cpu")
+        need(t.strategy in ("ddp", "fsdp2"), "train.strategy", "must be ddp or fsdp2")
         for name in ("save_every", "eval_every", "samples_every"):
             need(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
         need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")

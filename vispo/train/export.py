@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_model
+from safetensors.torch import load_file
 
 from vispo.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from vispo.train.config import build_config
@@ -31,11 +31,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             f"{run_dir}: no checkpoint{'' if step is None else f' at step {step}'}"
         )
     model, processor = load_policy_from_config(cfg.model)
-    missing, unexpected = load_model(model, str(ckpt / "weights.safetensors"), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{ckpt}: weights do not match the run's model ({missing}, {unexpected})"
-        )
+    model.load_state_dict(load_file(str(ckpt / "weights.safetensors")), strict=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
     rollout -> rewards -> advantages -> perturb -> score -> objective -> update
 
-The trainer orchestrates; every formula lives in :mod:`vispo.algos`.
+The trainer orchestrates; every formula lives in :mod:`vispo.algos`. Under ``torchrun`` each
+rank rolls out its slice of the step's prompts and the update runs through DDP or FSDP2
+(:mod:`vispo.train.dist`); single-process runs take the same code path with one rank.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 from vispo.algos import overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.scoring import encode_prompts
-from vispo.rollout.hf import generate
+from vispo.rollout.hf import concat_rollouts, generate
 from vispo.train import batch as B
 from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vispo.train.config import Config, config_to_dict
+from vispo.train.config import Config, ConfigError, config_to_dict
+from vispo.train.dist import setup_distributed, unwrap, wrap_model
 from vispo.train.guard import CollapseGuard
 from vispo.train.logging import MetricsLog, write_samples_page
 from vispo.train.optim import build_optimizer
@@ -54,13 +57,22 @@ class Trainer:
         self.console = console
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self.dist = setup_distributed(cfg.train.device)
+        if cfg.train.prompts_per_step % self.dist.world:
+            raise ConfigError(
+                f"train.prompts_per_step: {cfg.train.prompts_per_step} must be divisible by the "
+                f"number of ranks ({self.dist.world}): each rank rolls out whole groups"
+            )
         self._seed(cfg.train.seed)
         self.req = requirements(cfg.objective)
 
-        self.model, self.processor = (
-            (model, processor) if model is not None else load_model(cfg.model)
-        )
-        self.ref_model, self.ref_context = self._reference()
+        model, self.processor = (model, processor) if model is not None else load_model(cfg.model)
+        model.to(self.dist.device)
+        self.ref_model, self.ref_context = self._reference(model)
+        # ``train_model`` runs the update (a DDP wrapper, or the FSDP2-sharded model);
+        # ``model`` generates and scores without gradient.
+        self.train_model = wrap_model(model, cfg.train.strategy, self.dist)
+        self.model = unwrap(self.train_model)
         self.template = get_template(cfg.data.template)
         self.train_data = (
             train_data
@@ -81,7 +93,6 @@ class Trainer:
         self.sampler = PromptSampler(
             len(self.train_data), cfg.train.prompts_per_step, cfg.train.seed
         )
-        self.rng = np.random.default_rng(cfg.train.seed)
         self.guard = CollapseGuard(
             window=cfg.guard.window,
             min_history=cfg.guard.min_history,
@@ -91,6 +102,7 @@ class Trainer:
         )
         self.updates = UpdateState()
         self.step_count = 0
+        self._last_saved = -1
         self.history: list[dict] = []
         self.eval_results: dict[str, float] = {}
 
@@ -99,16 +111,18 @@ class Trainer:
             self.log(f"no checkpoint in {self.out}/checkpoints: starting from scratch")
         if resume_from is not None:
             self._restore(resume_from)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        self.metrics_log = MetricsLog(
-            self.out,
-            resume_step=self.step_count if resume_from is not None else None,
-            tensorboard=cfg.logging.tensorboard,
-            wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project,
-            config=config_to_dict(cfg),
-        )
+        self.metrics_log = None
+        if self.dist.main:  # rank 0 writes the run folder's logs
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            self.metrics_log = MetricsLog(
+                self.out,
+                resume_step=self.step_count if resume_from is not None else None,
+                tensorboard=cfg.logging.tensorboard,
+                wandb=cfg.logging.wandb,
+                wandb_project=cfg.logging.wandb_project,
+                config=config_to_dict(cfg),
+            )
 
     # --- setup helpers -------------------------------------------------------------------
 
@@ -118,17 +132,19 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _reference(self):
+    def _reference(self, model):
         if not self.req.ref:
             return None, contextlib.nullcontext
-        if hasattr(self.model, "disable_adapter"):  # LoRA: the base weights are the reference
-            return self.model, self.model.disable_adapter
-        ref = copy.deepcopy(self.model).eval()
+        if hasattr(model, "disable_adapter"):  # LoRA: the base weights are the reference
+            return model, model.disable_adapter
+        ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref, contextlib.nullcontext
 
     def log(self, message: str) -> None:
+        if not self.dist.main:
+            return
         if self.console is not None:
             self.console.print(message)
         else:
@@ -145,20 +161,19 @@ class Trainer:
             step,
             self.processor,
             list(self.req.variants),
-            self.rng,  # perturb
+            cfg.train.seed,  # perturb
             mask_ratio=cfg.objective.mask_ratio,
             mask_patch_size=cfg.objective.mask_patch_size,
             include_blur=cfg.objective.cpl_blur,
         )
         t1 = time.perf_counter()
-        n_mini = max(1, len(step.batch) // self.cfg.mini_batch)
         fixed = score_fixed(  # score (no-grad passes)
             self.model,
             self.ref_model,
             step.batch,
             step.variants,
             self.req,
-            on_policy=cfg.train.ppo_epochs == 1 and n_mini == 1,
+            on_policy=cfg.train.ppo_epochs == 1 and self._n_mini(step) == 1,
             temperature=cfg.rollout.temperature,
             micro_batch=cfg.micro_batch,
             stack=cfg.train.stack_variants,
@@ -179,44 +194,41 @@ class Trainer:
                 "time/score": t2 - t1,
                 "time/update": t3 - t2,
                 "time/step": t3 - t0,
-                "throughput/tokens_per_s": float(step.batch.response_mask.sum()) / (t3 - t0),
                 "reward/errors": float(getattr(self.reward, "n_errors", 0)),
             }
         )
+        tokens = float(self.dist.all_reduce(step.batch.response_mask.sum()))
+        metrics = self.dist.reduce_metrics(metrics)
+        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step"]
         self._last_step = step
         return metrics
 
     def _collect(self, t: dict) -> tuple[B.StepBatch, int, float]:
-        """Roll out and reward prompts; with dynamic sampling, more rounds until full."""
+        """Roll out and reward this rank's prompts; with dynamic sampling, more rounds until
+        the rank's share of the batch is full of informative groups."""
         cfg, ocfg = self.cfg, self.cfg.objective
-        target = cfg.train.prompts_per_step
+        world, rank = self.dist.world, self.dist.rank
+        target = cfg.train.prompts_per_step // world
         kept: list[B.Group] = []
         reuse_prompts = None
         rounds, seen = 0, 0
         t["rollout"] = t["reward"] = 0.0
         while len(kept) < target and rounds < (ocfg.ds_max_rounds if ocfg.dynamic_sampling else 1):
             rounds += 1
-            samples = [self.train_data[i] for i in next(self.sampler)]
+            first = rank * target  # every rank draws the same global batch and keeps its slice
+            indices = next(self.sampler)[first : first + target]
+            keys = [(self.step_count, rounds, first + i) for i in range(len(indices))]
+            samples = [self.train_data[i] for i in indices]
             images = [[B.prepare_image(im, self.budget) for im in s.load_images()] for s in samples]
             messages = [self.template.render(s) for s in samples]
             ta = time.perf_counter()
             prompts = encode_prompts(self.processor, messages, images)
-            rollout = generate(
-                self.model,
-                self.processor,
-                prompts,
-                n=cfg.rollout.n,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                min_new_tokens=cfg.rollout.min_new_tokens,
-            )
+            rollout = self._rollout(prompts, keys)
             tb = time.perf_counter()
-            answers = [s.answer for s in samples for _ in range(cfg.rollout.n)]
             per_seq = [s for s in samples for _ in range(cfg.rollout.n)]
             result = self.reward(
                 rollout.texts,
-                answers,
+                [s.answer for s in per_seq],
                 sample_ids=[s.id for s in per_seq],
                 question=[s.question for s in per_seq],
             )
@@ -233,7 +245,9 @@ class Trainer:
             }
             t["rollout"] += tb - ta
             t["reward"] += time.perf_counter() - tb
-            groups = B.groups_from_rollout(samples, images, messages, rollout, rewards, components)
+            groups = B.groups_from_rollout(
+                samples, images, messages, rollout, rewards, components, keys
+            )
             seen += len(groups)
             keep = (
                 B.keep_informative(groups, ocfg.ds_low, ocfg.ds_high)
@@ -252,18 +266,47 @@ class Trainer:
         )
         return step, rounds, len(kept) / max(seen, 1)
 
+    def _rollout(self, prompts, keys):
+        """n responses per prompt; batch-invariant mode seeds each prompt on its own."""
+        r = self.cfg.rollout
+        kw = dict(
+            n=r.n,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            min_new_tokens=r.min_new_tokens,
+        )
+        if not r.batch_invariant:
+            return generate(self.model, self.processor, prompts, **kw)
+        parts = [
+            generate(
+                self.model,
+                self.processor,
+                B.trim_left_padding(prompts.select([i])),
+                seed=int(B.prompt_rng(self.cfg.train.seed, key, 1).integers(2**62)),
+                **kw,
+            )
+            for i, key in enumerate(keys)
+        ]
+        return concat_rollouts(parts, prompts.pad_token_id)
+
+    def _n_mini(self, step: B.StepBatch) -> int:
+        """Mini-batches per epoch: the global mini-batch size, split evenly across ranks."""
+        return max(1, self.cfg.sequences_per_step // self.cfg.mini_batch)
+
     def _update(self, step: B.StepBatch, fixed: FixedScores) -> dict[str, float]:
         cfg = self.cfg
-        n_mini = max(1, len(step.batch) // cfg.mini_batch)
+        n_mini = self._n_mini(step)
         mini = -(-len(step.batch) // n_mini)
         micro = min(cfg.micro_batch, mini)
         return ppo_update(
-            self.model,
+            self.train_model,
             self.optimizer,
             step,
             fixed,
             self.req,
             cfg.objective,
+            dist=self.dist,
             state=self.updates,
             epochs=cfg.train.ppo_epochs,
             mini_batch=mini,
@@ -291,9 +334,8 @@ class Trainer:
             self.eval_results["accuracy_before"] = self.evaluate()
             self.log(f"held-out accuracy before RL: {self.eval_results['accuracy_before']:.3f}")
         run: list[dict] = []
-        with StepProgress(
-            cfg.train.steps, start=self.step_count, enabled=cfg.logging.progress
-        ) as bar:
+        progress = cfg.logging.progress and self.dist.main
+        with StepProgress(cfg.train.steps, start=self.step_count, enabled=progress) as bar:
             while self.step_count < cfg.train.steps:
                 metrics = self.step()
                 self.step_count += 1
@@ -303,15 +345,14 @@ class Trainer:
         if self.eval_data is not None and cfg.data.eval_size > 0:
             self.eval_results["accuracy_after"] = self.evaluate()
             self.log(f"held-out accuracy after RL: {self.eval_results['accuracy_after']:.3f}")
-            self.metrics_log.log(
-                self.step_count, {f"eval/{k}": v for k, v in self.eval_results.items()}
-            )
-        if (
-            not latest_checkpoint(self.out)
-            or latest_checkpoint(self.out).name != f"step-{self.step_count:06d}"
-        ):
+            if self.metrics_log is not None:
+                self.metrics_log.log(
+                    self.step_count, {f"eval/{k}": v for k, v in self.eval_results.items()}
+                )
+        if self._last_saved != self.step_count:
             self.save()
-        self.metrics_log.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
         return run
 
     def _after_step(self, metrics: dict[str, float]) -> None:
@@ -323,9 +364,10 @@ class Trainer:
             metrics["guard/event"] = 1.0
             self.log(f"collapse guard at step {step}: {event.signals} -> {event.action}")
         metrics["guard/gamma_scale"] = self.guard.gamma_scale
-        self.metrics_log.log(step, metrics)
+        if self.metrics_log is not None:
+            self.metrics_log.log(step, metrics)
         self.history.append({"step": step, **metrics})
-        if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+        if cfg.train.samples_every and step % cfg.train.samples_every == 0 and self.dist.main:
             self._write_samples(step)
         if self.updates.skipped_in_row >= cfg.train.max_skipped_in_row:
             path = self.save()
@@ -359,46 +401,54 @@ class Trainer:
         write_samples_page(self.out / "samples" / f"step-{step:06d}.html", step, rows)
 
     def evaluate(self) -> float:
-        """Greedy accuracy on the first ``data.eval_size`` held-out questions."""
+        """Greedy accuracy on the first ``data.eval_size`` held-out questions (each rank
+        scores its share; the mean is all-reduced)."""
         from vispo.eval.accuracy import greedy_accuracy
 
-        samples = [
-            self.eval_data[i] for i in range(min(self.cfg.data.eval_size, len(self.eval_data)))
-        ]
-        return greedy_accuracy(
-            self.model,
-            self.processor,
-            samples,
-            self.template,
-            self.reward,
-            max_new_tokens=self.cfg.rollout.max_new_tokens,
-            budget=self.budget,
+        n = min(self.cfg.data.eval_size, len(self.eval_data))
+        mine = [self.eval_data[i] for i in range(self.dist.rank, n, self.dist.world)]
+        acc = (
+            greedy_accuracy(
+                self.model,
+                self.processor,
+                mine,
+                self.template,
+                self.reward,
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                budget=self.budget,
+            )
+            if mine
+            else 0.0
         )
+        total = self.dist.all_reduce(torch.tensor([acc * len(mine)], dtype=torch.float64))
+        return float(total[0]) / n
 
     # --- checkpoints ---------------------------------------------------------------------
 
     def save(self) -> Path:
+        """Checkpoint the run (collective: every rank calls it)."""
         state = {
             "sampler": self.sampler.state_dict(),
-            "np_rng": self.rng.bit_generator.state,
             "guard": self.guard.state_dict(),
             "updates": self.updates.__dict__,
             "eval": self.eval_results,
         }
-        return save_checkpoint(
+        path = save_checkpoint(
             self.out,
             self.step_count,
             model=self.model,
             optimizer=self.optimizer,
             state=state,
             keep_last=self.cfg.train.keep_last,
+            dist=self.dist,
         )
+        self._last_saved = self.step_count
+        return path
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
-        self.step_count = state["step"]
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, dist=self.dist)
+        self.step_count = self._last_saved = state["step"]
         self.sampler.load_state_dict(state["sampler"])
-        self.rng.bit_generator.state = state["np_rng"]
         self.guard.load_state_dict(state["guard"])
         self.updates = UpdateState(**state["updates"])
         self.eval_results = state.get("eval", {})

@@ -18,6 +18,7 @@ import torch
 
 from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
 from vispo.models.scoring import ScoringBatch, score
+from vispo.train.dist import Dist
 from vispo.train.optim import lr_factor
 
 
@@ -127,6 +128,7 @@ def ppo_update(
     req: Requirements,
     ocfg,
     *,
+    dist: Dist,
     state: UpdateState,
     epochs: int,
     mini_batch: int,
@@ -157,15 +159,16 @@ def ppo_update(
         order = torch.randperm(B) if B > mini_batch else torch.arange(B)
         for mb in order.split(mini_batch):
             mb_batch = batch.select(mb)
+            # The denominator of the whole mini-batch, over every rank's share of it.
             total = (
-                aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon)
+                dist.all_reduce(aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon))
                 if micro_norm == "global"
                 else None
             )
             micro = list(mb.split(micro_batch))
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
-            for idx in micro:
+            for k, idx in enumerate(micro):
                 sub = batch.select(idx)
                 x = _forward(
                     model,
@@ -188,16 +191,25 @@ def ppo_update(
                     total=total,
                     micro_weight=len(idx) / len(mb),
                 )
+                # DDP / FSDP2 average gradients over ranks; with the global denominator each
+                # rank's loss is its share of the sum, so scale it back by the world size.
                 scale = 1.0 if micro_norm == "global" else 1.0 / len(micro)
-                (loss * scale).backward()
+                world_scale = dist.world if micro_norm == "global" else 1.0
+                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    (loss * scale * world_scale).backward()
                 loss_ok &= torch.isfinite(loss)
-                sums.add(metrics, loss_scale=scale, tokens=float(len(idx)))
+                sums.add(
+                    metrics, loss_scale=scale * world_scale / dist.world, tokens=float(len(idx))
+                )
             sums.minibatches += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, grad_clip if grad_clip > 0 else math.inf
             )
-            # One host sync per optimizer step: skip it if the loss or gradient is not finite.
-            if bool(loss_ok) and math.isfinite(float(grad_norm)):
+            # One host sync per optimizer step: skip it (on every rank) if the loss or the
+            # gradient is not finite anywhere.
+            ok = loss_ok & torch.isfinite(grad_norm.detach().cpu())
+            if int(dist.all_reduce((~ok).long().reshape(1))[0]) == 0:
                 factor = lr_factor(
                     state.updates, warmup=warmup, total=total_updates, schedule=schedule
                 )

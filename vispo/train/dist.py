@@ -1,0 +1,128 @@
+"""Distributed training on torch.distributed: DDP or FSDP2, on CPU (gloo) or GPU (nccl).
+
+vispo does not implement its own data parallelism: it wraps the policy in PyTorch's
+``DistributedDataParallel`` or shards it with FSDP2's ``fully_shard``, and uses collectives
+only for what the objective needs to be independent of the number of ranks:
+
+- each rank rolls out its own slice of the step's prompts, so a prompt's group stays on one
+  rank and the group advantages need no communication;
+- the aggregation denominator (tokens of the whole mini-batch) is all-reduced, and every
+  rank's loss is scaled by the world size because DDP / FSDP2 average gradients: the update is
+  then exactly the one-process update on the global batch;
+- metrics are all-reduced (``loss/*`` parts summed, maxima maxed, the rest averaged).
+
+Launch with ``torchrun --nproc_per_node N -m vispo.cli train ...`` (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """A reduced copy of ``tensor`` (sum by default); the input itself when single-process."""
+        if not self.active:
+            return tensor
+        out = tensor.detach().clone().to(self._comm_device)
+        dist.all_reduce(out, op=op or dist.ReduceOp.SUM)
+        return out.to(tensor.device)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Sum ``loss/*`` parts, max ``*/max`` and ``time/*``, average everything else."""
+        if not self.active:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        summed = self.all_reduce(values)
+        maxed = self.all_reduce(values, op=dist.ReduceOp.MAX)
+        out = {}
+        for i, k in enumerate(keys):
+            if k.startswith("loss/"):
+                out[k] = float(summed[i])
+            elif k.endswith("/max") or k.startswith("time/"):
+                out[k] = float(maxed[i])
+            else:
+                out[k] = float(summed[i]) / self.world
+        return out
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (language and vision), FSDP2's sharding units."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if all(type(m) is type(module[0]) for m in module):
+                blocks.extend(module)
+    return blocks
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Module:
+    """The module the update runs forward/backward through: DDP wrapper or FSDP2-sharded model.
+
+    Generation and no-gradient scoring use the returned module too for FSDP2 (its forward
+    gathers the shards); for DDP they use the plain module (``wrapped.module``).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not d.active:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in decoder_layers(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
