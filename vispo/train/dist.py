@@ -118,9 +118,20 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Modul
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
+    from vispo.models.adapt import vision_module_names
+
     for block in decoder_layers(model):
         fully_shard(block)
+    # The vision tower is its own unit: transformers' generate computes image features by
+    # calling it directly, outside the root module's forward (whose hook gathers root params).
+    for name in vision_module_names(model):
+        fully_shard(model.get_submodule(name))
     fully_shard(model)
+    # FSDP2 makes the first unit to run forward the root. generate runs the vision tower
+    # before the root, so initialise the root now, as its first forward would (torch 2.13 has
+    # no public call for this; the error otherwise says "requires running forward through the
+    # root module first").
+    model._get_fsdp_state()._lazy_init()
     return model
 
 

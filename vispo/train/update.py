@@ -151,7 +151,9 @@ def ppo_update(
         name for name, mode in req.variants.items() if mode == "grad" and name == "mask"
     ]
     cppo = "pos" in req.variants
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's parameters, not model.parameters(): after a forward FSDP2 leaves the root
+    # unit's parameters unsharded, and those temporary tensors never receive a gradient.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     sums = MetricSums()
     grad_norms = []
     model.train()
@@ -206,6 +208,8 @@ def ppo_update(
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, grad_clip if grad_clip > 0 else math.inf
             )
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
             # One host sync per optimizer step: skip it (on every rank) if the loss or the
             # gradient is not finite anywhere.
             ok = loss_ok & torch.isfinite(grad_norm.detach().cpu())
