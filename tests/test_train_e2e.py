@@ -208,3 +208,22 @@ def test_export_loads_with_from_pretrained_and_matches(tmp_path):
         ref = trainer.model.eval()(**inputs).logits
         torch.testing.assert_close(hf(**inputs).logits, ref)
         torch.testing.assert_close(policy.eval()(**inputs).logits, ref)
+
+
+def test_tied_weights_round_trip_through_a_checkpoint(tmp_path):
+    from vispo.models import build_tiny_vlm
+    from vispo.train.checkpoint import load_checkpoint, save_checkpoint
+
+    source, _ = build_tiny_vlm("qwen2_vl", tie_word_embeddings=True)
+    with torch.no_grad():
+        source.lm_head.weight.add_(1.0)  # also moves the tied input embedding
+    opt = torch.optim.AdamW(source.parameters())
+    path = save_checkpoint(tmp_path, 1, model=source, optimizer=opt, state={}, keep_last=1)
+    target, _ = build_tiny_vlm("qwen2_vl", tie_word_embeddings=True)
+    load_checkpoint(path, model=target, optimizer=torch.optim.AdamW(target.parameters()))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert target.lm_head.weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()
+    other, _ = build_tiny_vlm("qwen2_vl", hidden_size=32, intermediate_size=64)
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(path, model=other, optimizer=torch.optim.AdamW(other.parameters()))

@@ -40,7 +40,8 @@ def load_model(mcfg):
     return model, processor
 
 
-def _load(dcfg, split: str, limit):
+def load_split(dcfg, split: str, limit):
+    """Samples of ``split`` from a built-in data set or a local source (``data.*`` fields)."""
     if dcfg.name in BUILTIN_DATASETS:
         options = {"n": dcfg.synthetic_size} if dcfg.name == "synthetic" else {}
         return load_builtin(dcfg.name, split=split, limit=limit, **options)
@@ -55,7 +56,7 @@ def _load(dcfg, split: str, limit):
 
 
 def load_train_data(dcfg, processor, template, *, log=print):
-    data = _load(dcfg, dcfg.split, dcfg.limit)
+    data = load_split(dcfg, dcfg.split, dcfg.limit)
     if getattr(data, "n_skipped", 0):
         log(f"data: skipped {data.n_skipped} bad samples ({dict(data.skipped)})")
     kept, dropped = filter_by_prompt_length(data, processor, template, dcfg.max_prompt_length)
@@ -69,7 +70,7 @@ def load_train_data(dcfg, processor, template, *, log=print):
 def load_eval_data(dcfg):
     if dcfg.eval_size <= 0:
         return None
-    return _load(dcfg, dcfg.eval_split, dcfg.eval_size)
+    return load_split(dcfg, dcfg.eval_split, dcfg.eval_size)
 
 
 def load_reward(rcfg) -> RewardRunner:
