@@ -1,0 +1,205 @@
+"""Step time per objective on the standard CPU workload, split into phases, against its floor.
+
+The standard workload (issue 7): a randomly initialised Qwen2.5-VL-architecture model of about
+30M parameters in float32 (text hidden 384, 6 layers, 6 heads with 2 key/value heads,
+intermediate 1024; vision depth 4, hidden 256, intermediate 1024, patch 14, merge 2; untied
+output layer; vocabulary 19,008), easy-vqa images resized to 56x56 (4 image tokens), the
+"short" prompt, 16 prompts x 5 rollouts per step, exactly 64 new tokens, temperature 1.0,
+lr 1e-6, and a seeded Bernoulli(0.5) reward per completion, so every objective does its full
+work.
+
+The floor of an objective is what it must compute at least, from costs measured in the same
+process on the same batch: the rollout and reward phases as measured, plus
+- ``F``: one no-gradient forward over the batch (reference model, PAPO's detached masked
+  branch), and
+- ``U``: one forward + backward over the batch (the update; CPPO adds one over its I+ and I-
+  views of the positive-advantage sequences, measured on exactly those rows).
+
+    python benchmarks/step_time.py                  # all presets, 3 measured steps each
+    python benchmarks/step_time.py --presets grpo,papo_g --steps 2
+
+Writes benchmarks/results/step_time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vispo.models.scoring import score
+from vispo.models.tiny import build_tiny_vlm
+from vispo.rewards import RewardRunner
+from vispo.train.config import load_config
+from vispo.train.trainer import Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PHASES = ("time/rollout", "time/reward", "time/score", "time/update", "time/step")
+
+
+def standard_model(seed: int = 0):
+    return build_tiny_vlm(
+        "qwen2_5_vl",
+        seed=seed,
+        hidden_size=384,
+        num_layers=6,
+        num_heads=6,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        vision_depth=4,
+        vision_hidden_size=256,
+        vision_heads=4,
+        vision_intermediate_size=1024,
+        patch_size=14,
+        merge_size=2,
+        vocab_size=19008,
+        tie_word_embeddings=False,
+        min_pixels=56 * 56,
+        max_pixels=56 * 56,
+    )
+
+
+class BernoulliReward:
+    """Seeded Bernoulli(0.5) per completion, as a batch reward function."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, completions, answers, **columns):
+        return [float(x) for x in self.rng.integers(0, 2, len(completions))]
+
+
+def trainer_for(preset: str, out: Path, seed: int) -> Trainer:
+    cfg = load_config(
+        None,
+        [
+            f"objective.name={preset}",
+            "data.name=easy-vqa",
+            "data.template=short",
+            "data.eval_size=0",
+            "data.limit=2000",
+            "train.prompts_per_step=16",
+            "rollout.n=5",
+            "rollout.max_new_tokens=64",
+            "rollout.min_new_tokens=64",
+            "rollout.temperature=1.0",
+            "optim.lr=1e-6",
+            f"train.out_dir={out}",
+            "logging.progress=false",
+            "train.samples_every=0",
+            "train.save_every=0",
+            f"train.seed={seed}",
+            "train.steps=1000",
+        ],
+    )
+    model, processor = standard_model(seed)
+    return Trainer(
+        cfg,
+        model=model,
+        processor=processor,
+        reward_fn=RewardRunner(BernoulliReward(seed), num_workers=0),
+    )
+
+
+def pass_costs(trainer: Trainer) -> dict[str, float]:
+    """F (no-grad forward) and U (forward + backward) over the last step's batch, and the
+    CPPO views' forward + backward over its positive-advantage rows."""
+    step, model = trainer._last_step, trainer.train_model
+    batch = step.batch
+    t0 = time.perf_counter()
+    score(model, batch, [None], grad=False)
+    f = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score(model, batch, [None], grad=True)[0].logp.sum().backward()
+    u = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    out = {"F": f, "U": u}
+    if "pos" in step.variants:
+        rows = torch.nonzero(step.advantages > 0).squeeze(-1)
+        t0 = time.perf_counter()
+        views = score(
+            model,
+            batch.select(rows),
+            [step.variants["pos"], step.variants["neg"]],
+            grad=True,
+            entropy=[False, True],
+        )
+        (views[0].logp.sum() + views[1].logp.sum()).backward()
+        out["U_views"] = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+def floor(preset: str, m: dict[str, float], costs: dict[str, float], cfg) -> float:
+    """The least an objective computes: rollout + reward as measured, plus its passes."""
+    total = m["time/rollout"] + m["time/reward"] + costs["U"]
+    if cfg.objective.beta > 0:
+        total += costs["F"]  # reference model
+    if cfg.objective.uses_papo and not cfg.objective.masked_grad:
+        total += costs["F"]  # detached masked branch
+    if cfg.objective.uses_cppo:
+        total += costs["U_views"]
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--presets", default="grpo,dapo,papo_g,papo_d,cppo")
+    p.add_argument(
+        "--steps", type=int, default=3, help="measured steps per preset (after 1 warm-up)"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="/tmp/vispo-bench")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for preset in args.presets.split(","):
+        trainer = trainer_for(preset, Path(args.out) / preset, args.seed)
+        trainer.step()  # warm-up
+        steps, floors = [], []
+        for _ in range(args.steps):
+            m = trainer.step()
+            costs = pass_costs(trainer)
+            steps.append(m)
+            floors.append(floor(preset, m, costs, trainer.cfg))
+        med = {k: statistics.median(s[k] for s in steps) for k in PHASES}
+        med["floor"] = statistics.median(floors)
+        med["rounds"] = statistics.median(s["dynamic_sampling/rounds"] for s in steps)
+        rows[preset] = med
+        print(preset, {k: round(v, 2) for k, v in med.items()}, flush=True)
+
+    base = rows.get("grpo", {}).get("time/step")
+    lines = [
+        "# Step time per objective (standard CPU workload)",
+        "",
+        f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}; median of "
+        f"{args.steps} steps after a warm-up step, one process, presets run one after another. "
+        "Seconds are CPU wall-clock: compare within this table only.",
+        "",
+        "| preset | rollout s | reward s | score s | update s | step s | x GRPO | floor s | "
+        "measured / floor | DAPO rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset, r in rows.items():
+        ratio = f"{r['time/step'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {preset} | {r['time/rollout']:.2f} | {r['time/reward']:.3f} | {r['time/score']:.2f} | "
+            f"{r['time/update']:.2f} | {r['time/step']:.2f} | {ratio} | {r['floor']:.2f} | "
+            f"{r['time/step'] / r['floor']:.2f} | {r['rounds']:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "step_time.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
