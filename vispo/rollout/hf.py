@@ -227,6 +227,10 @@ def generate(
         pad_token_id=pad,
         bos_token_id=None,
         suppress_tokens=multimodal_token_ids(processor) or None,
+        # A NaN/inf logit (e.g. a float16 overflow) must not crash sampling; finite logits are
+        # left exactly as they are, and the step's scoring pass then sees the non-finite
+        # log-probs and skips the update.
+        remove_invalid_values=True,
         use_cache=True,
     )
     prompts = prompts.left_padded()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -40,6 +41,9 @@ from vispo.train.dist import Dist
 _NAME = re.compile(r"^step-(\d{6,})$")
 _SEP = "::"  # parameter name / state key separator in optimizer.safetensors
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# safetensors reports I/O failures (disk full, file too large, read-only) and corrupt files as
+# its own SafetensorError, which is not an OSError.
+_WRITE_ERRORS = (OSError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
@@ -145,7 +149,7 @@ def save_checkpoint(
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     weights = get_model_state_dict(model, options=_FULL)
     optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    error: OSError | None = None
+    error: Exception | None = None
     try:
         if d.main:
             root.mkdir(parents=True, exist_ok=True)
@@ -156,14 +160,14 @@ def save_checkpoint(
             opt_tensors, opt_meta = _optimizer_files(optim)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    except OSError as e:
+    except _WRITE_ERRORS as e:
         error = e
     if _agree(d, error is None):
         try:
             rng_meta, rng_tensors = _rng_files()
             save_file(rng_tensors, str(tmp / f"rng-rank{d.rank}.safetensors"))
             (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng_meta))
-        except OSError as e:
+        except _WRITE_ERRORS as e:
             error = e
     if _agree(d, error is None) and d.main:
         try:
@@ -175,19 +179,26 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except OSError as e:
+        except _WRITE_ERRORS as e:
             error = e
     ok = _agree(d, error is None)
     if not ok:
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = f"{error.strerror or error}" if error is not None else "another rank failed"
+        cause = (
+            f"{getattr(error, 'strerror', None) or error}"
+            if error is not None
+            else "another rank failed"
+        )
         raise CheckpointError(
             f"could not write checkpoint {final}: {cause}. The previous checkpoint "
             f"({latest_checkpoint(run_dir) or 'none'}) is intact."
         ) from error
     if d.main:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            # state.json first: a deletion cut short leaves an incomplete folder that no
+            # reader takes for a checkpoint, never a "complete" one with files missing.
+            (old / "state.json").unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     d.barrier()
     return final
@@ -220,6 +231,6 @@ def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = N
                 json.loads(rank_file.read_text()),
                 load_file(str(path / f"rng-rank{d.rank}.safetensors")),
             )
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+    except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -94,7 +95,12 @@ class RewardConfig:
         "Reward: reference (0.9 accuracy + 0.1 format), math, format, choice, yesno, exact, "
         "or 'path/to/file.py:function'.",
     )
-    num_workers: int = _f(0, "Worker processes for reward functions (0: in-process).")
+    num_workers: int | None = _f(
+        None,
+        "Worker processes for the reward. Default: 1 for a reward file (sandboxed: a call that "
+        "hangs is timed out, a crash is isolated), in-process for the built-in rewards. "
+        "0 runs any reward in this process: trusted code only, no timeout.",
+    )
     timeout_s: float = _f(10.0, "Per-call timeout of a reward function, seconds.")
     overlong_buffer: int = _f(0, "DAPO overlong shaping: penalty buffer in tokens (0: off).")
     overlong_penalty: float = _f(1.0, "DAPO overlong shaping: penalty at the maximum length.")
@@ -238,6 +244,8 @@ class Config:
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        need(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
+        need(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
         need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         need(o.vision_lr_scale >= 0, "optim.vision_lr_scale", "must be >= 0")
         need(
@@ -253,8 +261,20 @@ class Config:
         need(self.data.on_error in ("skip", "raise"), "data.on_error", "must be skip or raise")
         need(self.data.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
         need(self.data.eval_size >= 0, "data.eval_size", "must be >= 0")
+        need(
+            self.data.limit is None or self.data.limit >= 1,
+            "data.limit",
+            f"must be >= 1 (or null: no limit), got {self.data.limit}",
+        )
+        need(bool(self.data.name.strip()), "data.name", "must not be empty")
+        need(bool(self.model.name_or_path.strip()), "model.name_or_path", "must not be empty")
+        need(t.threads is None or t.threads >= 0, "train.threads", "must be >= 0")
         need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
-        need(self.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
+        need(
+            self.reward.num_workers is None or self.reward.num_workers >= 0,
+            "reward.num_workers",
+            "must be >= 0",
+        )
         need(self.reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
         need(
             self.reward.overlong_buffer <= r.max_new_tokens,
@@ -295,36 +315,53 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (float, str)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
             as_float = float(value)
-        except (TypeError, ValueError):
+        except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(as_float)
     if tp is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if math.isnan(number):  # NaN never means anything in a config and passes every `<`
+            raise ConfigError(f"{where}: expected a number, got NaN")
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = (args + (Any, Any))[:2]
+        for k, v in value.items():
+            if key_type is str and not isinstance(k, str):
+                raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+            if value_type in (str, dict) and not isinstance(v, value_type):
+                kind = "a string" if value_type is str else "a mapping"
+                raise ConfigError(f"{where}[{k!r}]: expected {kind}, got {v!r}")
         return dict(value)
     return value
 
 
-def _suggest(name: str, options) -> str:
+def _suggest(name, options) -> str:
+    if not isinstance(name, str):
+        return ""
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -367,7 +404,7 @@ def build_config(tree: dict | None = None) -> Config:
     try:
         objective_values = dict(sections.pop("objective", {}))
         preset = objective_values.pop("name", "grpo")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(
                 f"objective.name: unknown preset {preset!r}{_suggest(preset, PRESETS)}"
             )
@@ -393,9 +430,13 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        if "." not in key:
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(p.strip() for p in parts):
             raise ConfigError(f"override {item!r} must name section.field")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:  # e.g. a Jinja template: the text itself is the value
+            value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -417,7 +458,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text())  # safe_load: a config never runs code
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         tree = loaded or {}

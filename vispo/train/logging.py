@@ -30,8 +30,8 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             kept = [
                 line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                for line, record in _records(self.path)
+                if record.get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(k + "\n" for k in kept))
         elif resume_step is None and self.path.exists():
@@ -76,11 +76,25 @@ def _finite_or_str(v):
     return v
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a JSONL file; a last line cut short by a crash or a full
+    disk in the middle of its write is left out (any other bad line is an error)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)]
 
 
 def image_data_uri(image: Image.Image, max_side: int = 256) -> str:

@@ -8,7 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vispo.train.config import Config
+from vispo.data import DataError
+from vispo.train.checkpoint import CheckpointError
+from vispo.train.config import Config, ConfigError
 from vispo.train.trainer import Trainer, TrainingStopped
 
 CURVES = (
@@ -24,12 +26,16 @@ CURVES = (
 def run_training(cfg: Config, *, resume: bool = False) -> int:
     console = Console()
     start = time.perf_counter()
-    trainer = Trainer(cfg, resume=resume, console=console)
     try:
+        trainer = Trainer(cfg, resume=resume, console=console)
         trainer.train()
     except TrainingStopped as e:
         console.print(f"[bold red]stopped:[/] {e}")
         return 3
+    except (CheckpointError, ConfigError, DataError) as e:
+        # Expected failures with a message that names the cause: no traceback.
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
     wall = time.perf_counter() - start
     from vispo.train.logging import read_metrics
 

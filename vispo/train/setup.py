@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vispo.data import BUILTIN_DATASETS, filter_by_prompt_length, load_builtin, load_samples
-from vispo.rewards import RewardRunner
+from vispo.rewards import REWARDS, RewardRunner
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -45,6 +45,8 @@ def load_split(dcfg, split: str, limit):
     if dcfg.name in BUILTIN_DATASETS:
         options = {"n": dcfg.synthetic_size} if dcfg.name == "synthetic" else {}
         return load_builtin(dcfg.name, split=split, limit=limit, **options)
+    # validate_images: an undecodable image (corrupt, truncated, empty, over the pixel guard)
+    # is a bad sample, skipped and counted or raised per data.on_error, not a crash later on.
     return load_samples(
         dcfg.name,
         split=split,
@@ -52,6 +54,7 @@ def load_split(dcfg, split: str, limit):
         image_root=dcfg.image_root,
         on_error=dcfg.on_error,
         limit=limit,
+        validate_images=True,
     )
 
 
@@ -74,4 +77,9 @@ def load_eval_data(dcfg):
 
 
 def load_reward(rcfg) -> RewardRunner:
-    return RewardRunner(rcfg.name, num_workers=rcfg.num_workers, timeout_s=rcfg.timeout_s)
+    """The run's reward; user reward files run sandboxed in a worker unless
+    ``reward.num_workers`` says otherwise (a hang or crash there must not stop training)."""
+    workers = rcfg.num_workers
+    if workers is None:
+        workers = 0 if rcfg.name in REWARDS else 1
+    return RewardRunner(rcfg.name, num_workers=workers, timeout_s=rcfg.timeout_s)

@@ -200,7 +200,7 @@ def ppo_update(
                 sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync():
                     (loss * scale * world_scale).backward()
-                loss_ok &= torch.isfinite(loss)
+                loss_ok &= torch.isfinite(loss) & _finite_inputs(x)
                 sums.add(
                     metrics, loss_scale=scale * world_scale / dist.world, tokens=float(len(idx))
                 )
@@ -234,6 +234,30 @@ def ppo_update(
     )
     out["skipped_steps"] = float(state.skipped)
     return out
+
+
+def _finite_inputs(x: ObjectiveInputs) -> torch.Tensor:
+    """True (a 0-dim tensor, no host sync) iff every per-token log-prob and entropy the objective
+    reads is finite on response tokens. The losses clamp log-ratios and KL terms, so an infinite
+    logit (e.g. a float16 overflow) would otherwise give a finite, meaningless loss and update."""
+    mask = x.mask.bool()
+    rows = mask if x.cppo_rows is None else mask[x.cppo_rows]
+    ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    for values, m in (
+        (x.logp, mask),
+        (x.old_logp, mask),
+        (x.ref_logp, mask),
+        (x.logp_mask, mask),
+        (x.entropy, mask),
+        (x.entropy_mask, mask),
+        (x.logp_pos, rows),
+        (x.logp_neg, rows),
+        (x.entropy_pos, rows),
+        (x.entropy_neg, rows),
+    ):
+        if values is not None and values.numel():
+            ok = ok & torch.isfinite(values.detach().masked_fill(~m, 0.0)).all()
+    return ok
 
 
 def _forward(
