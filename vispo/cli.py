@@ -8,7 +8,8 @@ from pathlib import Path
 
 TRAIN_EPILOG = """Overrides are section.field=value, e.g.
   vispo train configs/papo_g.yaml optim.lr=2e-6 objective.gamma=0.01
-With no config file and no overrides, `vispo train` runs the embedded default (configs/quickstart.yaml).
+Without a config file, `vispo train` runs the embedded default (configs/quickstart.yaml),
+with any overrides applied on top of it.
 """
 
 
@@ -38,7 +39,7 @@ def _train(argv: list[str]) -> int:
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
-    if config is None and not overrides:
+    if config is None:  # the embedded default, with any overrides applied on top
         config = str(default_config_path())
     try:
         cfg = load_config(config, overrides)
