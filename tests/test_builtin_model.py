@@ -201,7 +201,11 @@ def test_build_script_same_seed_same_weights(tmp_path):
             outs.append(tmp_path / name / "model.safetensors")
     finally:
         torch.set_num_threads(threads)
-    with safe_open(outs[0], "pt") as a, safe_open(outs[1], "pt") as b, safe_open(outs[2], "pt") as c:
+    with (
+        safe_open(outs[0], "pt") as a,
+        safe_open(outs[1], "pt") as b,
+        safe_open(outs[2], "pt") as c,
+    ):
         keys = sorted(a.keys())
         assert keys == sorted(b.keys()) == sorted(c.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)

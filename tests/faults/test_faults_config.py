@@ -98,9 +98,7 @@ def _check(call, candidates: set[str], tally: Tally, exact: tuple | None = None)
         message = str(e)
         if exact is not None:  # "sec.name", or a joint message like "sec.low/name must ..."
             sec, name = exact
-            assert f"{sec}.{name}" in message or (
-                f"{sec}." in message and name in message
-            ), message
+            assert f"{sec}.{name}" in message or (f"{sec}." in message and name in message), message
         else:
             assert _names_something(message, candidates), message
     else:

@@ -201,8 +201,7 @@ def test_kill9_at_20_moments_then_resume(tmp_path, fault_table):
         "resumed runs' metrics vs uninterrupted run",
         len(finished),
         len(equal),
-        lost="max |diff| "
-        + (f"{max(r['diff'] for r in finished):.1e}" if finished else "n/a"),
+        lost="max |diff| " + (f"{max(r['diff'] for r in finished):.1e}" if finished else "n/a"),
         detail=f"{len(finished)} runs of {STEPS} steps, papo_g",
     )
     assert len(kills) == KILLS, kills

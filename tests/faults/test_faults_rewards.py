@@ -21,7 +21,7 @@ from vispo.train.trainer import Trainer
 
 pytestmark = pytest.mark.faults
 
-REWARD_SOURCE = '''
+REWARD_SOURCE = """
 import math
 import os
 import sys
@@ -58,7 +58,7 @@ def chaos(completions, answers, **columns):
         os.write(1, b"z" * 1_000_000)
         return good
     raise AssertionError(mode)
-'''
+"""
 
 # mode -> the error kind its victims must be counted under (None: no error, just noise)
 MODES = {
@@ -79,9 +79,7 @@ def test_bad_rewards_are_counted_and_never_fatal(tmp_path, capfd, fault_table):
     mode_file.write_text("ok")
     reward_file = tmp_path / "chaos_reward.py"
     reward_file.write_text(REWARD_SOURCE.format(mode_file=str(mode_file)))
-    runner = RewardRunner(
-        f"{reward_file}:chaos", num_workers=2, timeout_s=1.0, retry_budget_s=30.0
-    )
+    runner = RewardRunner(f"{reward_file}:chaos", num_workers=2, timeout_s=1.0, retry_budget_s=30.0)
     cfg = load_config(
         None,
         [

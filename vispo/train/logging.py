@@ -29,9 +29,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [
-                line
-                for line, record in _records(self.path)
-                if record.get("step", 0) <= resume_step
+                line for line, record in _records(self.path) if record.get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(k + "\n" for k in kept))
         elif resume_step is None and self.path.exists():
