@@ -386,3 +386,30 @@ def test_prompt_batch_select_keeps_each_prompts_pixels(setup):
     pv = prompts.pixels["pixel_values"]
     assert torch.equal(picked.pixels["pixel_values"], torch.cat([pv[48:64], pv[16:48]]))
     assert picked.texts == [prompts.texts[2], prompts.texts[1]]
+
+
+def test_bf16_autocast_scores_like_a_naive_autocast_forward(setup):
+    """``autocast=torch.bfloat16``: the forward runs in bfloat16 (the logits reaching the
+    log-softmax are bfloat16) and the log-probs equal the naive route under the same autocast;
+    they differ from float32 by bfloat16 rounding only, and gradients reach float32 weights."""
+    s = setup("qwen2_vl")
+    batch = s["batch"]
+    from vispo.models import build_tiny_vlm
+
+    model, _ = build_tiny_vlm("qwen2_vl")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logp, ref_ent = _naive(model, batch)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    (bf16,) = score(model, batch, entropy=True, grad=True, autocast=torch.bfloat16)
+    hook.remove()
+    (fp32,) = score(model, batch, entropy=True)
+    assert seen == [torch.bfloat16]
+    assert bf16.logp.dtype == torch.float32
+    torch.testing.assert_close(bf16.logp.detach(), ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(bf16.entropy.detach(), ref_ent, atol=1e-5, rtol=0)
+    gap = (bf16.logp.detach() - fp32.logp).abs().max().item()
+    assert 0 < gap < 0.1  # bfloat16 rounding: visible, and small
+    bf16.logp.sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    assert model.lm_head.weight.grad.abs().sum() > 0

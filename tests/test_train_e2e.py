@@ -273,3 +273,62 @@ def test_several_epochs_and_mini_batches_run_off_policy(tmp_path):
     assert trainer.updates.updates == 4
     assert metrics["approx_kl"] != 0.0
     assert metrics["lr"] == pytest.approx(5e-3)
+
+
+def test_cppo_scores_its_views_only_for_positive_advantage_rows(tmp_path, monkeypatch):
+    """The gate: with ``cpl_gate`` only positive-advantage sequences carry the contrastive
+    loss, so the trainer scores I+ and I- for those rows only. Forcing it to score every row
+    (as the reference recipe does) gives the same loss and the same gradients."""
+    import dataclasses
+
+    import vispo.train.update as update_module
+
+    runs = {}
+    for label in ("gated", "all_rows"):
+        cfg = _cfg(tmp_path / label, "cppo", "train.steps=1", "optim.grad_clip=0")
+        trainer = _trainer(cfg)
+        if label == "all_rows":
+            trainer.req = dataclasses.replace(trainer.req, cppo_positive_only=False)
+        rows_scored = []
+        real_score = update_module.score
+
+        def counting_score(model, batch, *args, _real=real_score, _rows=rows_scored, **kw):
+            _rows.append(batch.input_ids.shape[0])
+            return _real(model, batch, *args, **kw)
+
+        monkeypatch.setattr(update_module, "score", counting_score)
+        metrics = trainer.step()
+        monkeypatch.setattr(update_module, "score", real_score)
+        positive = int((trainer._last_step.advantages > 0).sum())
+        grads = {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+        runs[label] = (metrics, grads, rows_scored, positive)
+
+    (m_g, g_g, rows_g, pos), (m_a, g_a, rows_a, pos_a) = runs["gated"], runs["all_rows"]
+    total = 2 * 3  # prompts_per_step x rollout.n
+    assert pos == pos_a and 0 < pos < total, "the test needs a mixed batch"
+    # Update passes: [original, then I+/I- views]; the gated run scores the views on `pos` rows.
+    assert rows_g[-1] == pos and rows_a[-1] == total
+    assert m_g["loss/cpl"] == pytest.approx(m_a["loss/cpl"], rel=1e-5, abs=1e-7)
+    assert m_g["loss/total"] == pytest.approx(m_a["loss/total"], rel=1e-5, abs=1e-7)
+    assert set(g_g) == set(g_a) and g_g
+    for name, g in g_a.items():
+        torch.testing.assert_close(g_g[name], g, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_autocast_step_trains_float32_weights(tmp_path):
+    """``train.autocast=bf16``: generation, scoring and the update forward run in bfloat16
+    (seen at the output layer), the weights stay float32 and move, the step is finite."""
+    trainer = _trainer(_cfg(tmp_path, "papo_g", "train.steps=1", "train.autocast=bf16"))
+    dtypes = []
+    hook = trainer.model.lm_head.register_forward_hook(
+        lambda mod, args, out: dtypes.append(out.dtype)
+    )
+    before = _weights(trainer.model)
+    metrics = trainer.step()
+    hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert metrics["skipped_steps"] == 0 and torch.isfinite(torch.tensor(metrics["loss/total"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in _weights(trainer.model).items())

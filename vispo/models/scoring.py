@@ -463,12 +463,24 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def forward_precision(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to `dtype` around a model forward (None: the parameters' dtype).
+
+    Only the forward runs under it (backward follows the forward's casts, as torch
+    recommends); log-probs and entropies upcast their chunks to float32 either way.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _response_logits(
     model: torch.nn.Module,
     batch: ScoringBatch,
     variants: Sequence[PixelDict],
     *,
     stack: bool,
+    autocast: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """``[b, T, V]`` logits predicting each response token, one tensor per variant."""
     T = batch.response_mask.shape[1]
@@ -485,7 +497,8 @@ def _response_logits(
         inputs.update(concat_pixels([per_variant[k] for k in group], batch.layout))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         # The last T+1 positions predict the T response tokens (the final one is unused).
-        out = model(**inputs, logits_to_keep=T + 1, use_cache=False)
+        with forward_precision(device, autocast):
+            out = model(**inputs, logits_to_keep=T + 1, use_cache=False)
         logits.extend(out.logits[:, :-1].chunk(len(group), dim=0))
     return logits
 
@@ -501,6 +514,7 @@ def score(
     stack: bool = True,
     chunk_size: int | None = None,
     micro_batch_size: int | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[Scores]:
     """Teacher-forced per-token log-probs (and entropies) of the responses, per image variant.
 
@@ -519,6 +533,8 @@ def score(
             floats per chunk).
         micro_batch_size: run the forward over at most this many sequences at a time
             (before stacking); None = all at once.
+        autocast: run the model forward under ``torch.autocast`` to this dtype (e.g.
+            ``torch.bfloat16`` on GPU); None = the parameters' own dtype.
 
     Returns:
         One :class:`Scores` per variant, in order; masked positions hold 0.
@@ -548,7 +564,7 @@ def score(
             sub = batch if stop - start == len(batch) else batch.select(range(start, stop))
             mask = sub.response_mask.to(_model_device(model)).bool()
             targets = sub.response_ids.to(mask.device)
-            logits = _response_logits(model, sub, resolved, stack=stack)
+            logits = _response_logits(model, sub, resolved, stack=stack, autocast=autocast)
             for k, variant_logits in enumerate(logits):
                 logp = selective_log_softmax(
                     variant_logits, targets, temperature=temperature, chunk_size=chunk_size

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from vispo.models.scoring import PromptBatch, response_mask_from_ids
+from vispo.models.scoring import PromptBatch, forward_precision, response_mask_from_ids
 
 
 @dataclasses.dataclass
@@ -181,6 +181,7 @@ def generate(
     seed: int | None = None,
     do_sample: bool = True,
     eos_token_ids: Sequence[int] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Rollout:
     """Sample `n` responses per prompt with one batched ``model.generate`` call.
 
@@ -196,6 +197,7 @@ def generate(
         seed: makes the call reproducible without touching the global RNG (module docstring).
         do_sample: False = greedy decoding (the n responses of a prompt are then identical).
         eos_token_ids: stop tokens (default: :func:`stop_token_ids`).
+        autocast: generate under ``torch.autocast`` to this dtype (None: the parameters').
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -241,7 +243,8 @@ def generate(
     else:
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         rng = torch.random.fork_rng(devices=devices)
-    with rng, _only_generation_config(model, config), torch.no_grad():
+    precision = forward_precision(device, autocast)
+    with rng, _only_generation_config(model, config), torch.no_grad(), precision:
         if seed is not None:
             torch.manual_seed(seed)
         sequences = model.generate(**inputs, generation_config=config)

@@ -146,6 +146,12 @@ class TrainConfig:
     )
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice).")
     device: str = _f("auto", "auto (CUDA when available), cuda or cpu.")
+    autocast: str = _f(
+        "none",
+        "Mixed precision of every forward (generation, scoring, update): 'none' (the "
+        "parameters' dtype) or 'bf16' (torch.autocast to bfloat16 over float32 weights; the "
+        "usual choice on GPUs). Log-probs and entropies are reduced in float32 either way.",
+    )
     strategy: str = _f(
         "ddp",
         "Under torchrun: 'ddp' (replicated weights) or 'fsdp2' (sharded parameters, "
@@ -229,6 +235,7 @@ class Config:
         )
         need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
         need(t.device in ("auto", "cuda", "cpu"), "train.device", "must be auto, cuda or cpu")
+        need(t.autocast in ("none", "bf16"), "train.autocast", "must be none or bf16")
         need(t.strategy in ("ddp", "fsdp2"), "train.strategy", "must be ddp or fsdp2")
         for name in ("save_every", "eval_every", "samples_every"):
             need(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")

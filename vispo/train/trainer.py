@@ -65,6 +65,7 @@ class Trainer:
             )
         self._seed(cfg.train.seed)
         self.req = requirements(cfg.objective)
+        self.autocast = torch.bfloat16 if cfg.train.autocast == "bf16" else None
 
         model, self.processor = (model, processor) if model is not None else load_model(cfg.model)
         model.to(self.dist.device)
@@ -178,6 +179,7 @@ class Trainer:
             micro_batch=cfg.micro_batch,
             stack=cfg.train.stack_variants,
             ref_context=self.ref_context,
+            autocast=self.autocast,
         )
         t2 = time.perf_counter()
         metrics = self._update(step, fixed)  # objective + update
@@ -275,6 +277,7 @@ class Trainer:
             temperature=r.temperature,
             top_p=r.top_p,
             min_new_tokens=r.min_new_tokens,
+            autocast=self.autocast,
         )
         if not r.batch_invariant:
             return generate(self.model, self.processor, prompts, **kw)
@@ -321,6 +324,7 @@ class Trainer:
             schedule=cfg.optim.schedule,
             progress=self.step_count / cfg.train.steps,
             gamma_scale=self.guard.gamma_scale,
+            autocast=self.autocast,
         )
 
     # --- the loop ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ def score_fixed(
     micro_batch: int,
     stack: bool,
     ref_context=contextlib.nullcontext,
+    autocast: torch.dtype | None = None,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
@@ -59,6 +60,7 @@ def score_fixed(
             grad=False,
             stack=stack,
             micro_batch_size=micro_batch,
+            autocast=autocast,
         )
         model.train(was_training)
         if not on_policy:
@@ -77,6 +79,7 @@ def score_fixed(
                 temperature=temperature,
                 grad=False,
                 micro_batch_size=micro_batch,
+                autocast=autocast,
             )[0].logp
     return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy)
 
@@ -143,6 +146,7 @@ def ppo_update(
     schedule: str,
     progress: float,
     gamma_scale: float,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Run the PPO epochs over one step's batch; returns averaged metrics."""
     batch, adv = step.batch, step.advantages
@@ -184,6 +188,7 @@ def ppo_update(
                     cppo,
                     temperature=temperature,
                     stack=stack,
+                    autocast=autocast,
                 )
                 loss, metrics = compute_objective(
                     ocfg,
@@ -273,11 +278,13 @@ def _forward(
     *,
     temperature: float,
     stack: bool,
+    autocast: torch.dtype | None = None,
 ) -> ObjectiveInputs:
     """Forward passes with gradient for one micro-batch -> the objective's inputs."""
     passes = [None] + [variants[name] for name in grad_variants]
     flags = ["orig" in req.entropy] + [name in req.entropy for name in grad_variants]
-    out = score(model, sub, passes, temperature=temperature, entropy=flags, grad=True, stack=stack)
+    kw = dict(temperature=temperature, grad=True, stack=stack, autocast=autocast)
+    out = score(model, sub, passes, entropy=flags, **kw)
     orig = out[0]
     by_name = dict(zip(grad_variants, out[1:]))
     a = adv[idx]
@@ -311,10 +318,8 @@ def _forward(
                 model,
                 sub.select(rows),
                 [variants["pos"], variants["neg"]],
-                temperature=temperature,
                 entropy=[False, "neg" in req.entropy],
-                grad=True,
-                stack=stack,
+                **kw,
             )
             x.logp_pos, x.logp_neg, x.entropy_neg = pos.logp, neg.logp, neg.entropy
         else:
