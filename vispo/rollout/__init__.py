@@ -1,5 +1,7 @@
-"""Generation backends. ``hf``: Hugging Face ``generate`` (default, CPU and GPU)."""
+"""Generation backends. ``hf``: Hugging Face ``generate`` (default, CPU and GPU); others plug
+in through :class:`RolloutBackend` (``rollout.backend``)."""
 
+from vispo.rollout.backend import HFBackend, RolloutBackend, load_backend
 from vispo.rollout.hf import (
     Rollout,
     concat_rollouts,
@@ -10,7 +12,10 @@ from vispo.rollout.hf import (
 )
 
 __all__ = [
+    "HFBackend",
     "Rollout",
+    "RolloutBackend",
+    "load_backend",
     "concat_rollouts",
     "finish_responses",
     "generate",

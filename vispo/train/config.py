@@ -86,6 +86,12 @@ class RolloutConfig:
         "place in the global batch), so the samples do not depend on batching or the number of "
         "ranks. Slower: prompts are not batched together.",
     )
+    backend: str = _f(
+        "hf",
+        "Generation engine: 'hf' (Hugging Face generate on the policy itself) or "
+        "'module.path:Factory' returning a vispo.rollout.RolloutBackend (weights synced after "
+        "every update; see docs/rollout_backends.md).",
+    )
 
 
 @dataclass
@@ -243,6 +249,11 @@ class Config:
         need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
         need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        need(
+            r.backend == "hf" or r.backend.count(":") == 1,
+            "rollout.backend",
+            f"must be 'hf' or 'module.path:Factory', got {r.backend!r}",
+        )
         need(
             0 <= r.min_new_tokens <= r.max_new_tokens,
             "rollout.min_new_tokens",

@@ -22,7 +22,7 @@ import torch
 from vispo.algos import overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.scoring import encode_prompts
-from vispo.rollout.hf import concat_rollouts, generate
+from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
 from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vispo.train.config import Config, ConfigError, config_to_dict
@@ -74,6 +74,9 @@ class Trainer:
         # ``model`` generates and scores without gradient.
         self.train_model = wrap_model(model, cfg.train.strategy, self.dist)
         self.model = unwrap(self.train_model)
+        self.rollout_backend = load_backend(
+            cfg.rollout.backend, self.model, self.processor, autocast=self.autocast
+        )
         self.template = get_template(cfg.data.template)
         self.train_data = (
             train_data
@@ -183,6 +186,7 @@ class Trainer:
         )
         t2 = time.perf_counter()
         metrics = self._update(step, fixed)  # objective + update
+        self.rollout_backend.sync_weights(self.model)
         t3 = time.perf_counter()
         metrics.update(
             {k: float(v) for k, v in B.rollout_metrics(step, cfg.rollout.max_new_tokens).items()}
@@ -277,14 +281,11 @@ class Trainer:
             temperature=r.temperature,
             top_p=r.top_p,
             min_new_tokens=r.min_new_tokens,
-            autocast=self.autocast,
         )
         if not r.batch_invariant:
-            return generate(self.model, self.processor, prompts, **kw)
+            return self.rollout_backend.generate(prompts, **kw)
         parts = [
-            generate(
-                self.model,
-                self.processor,
+            self.rollout_backend.generate(
                 B.trim_left_padding(prompts.select([i])),
                 seed=int(B.prompt_rng(self.cfg.train.seed, key, 1).integers(2**62)),
                 **kw,
@@ -451,6 +452,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, dist=self.dist)
+        self.rollout_backend.sync_weights(self.model)
         self.step_count = self._last_saved = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state["guard"])
