@@ -16,7 +16,10 @@ process on the same batch: the rollout and reward phases as measured, plus
   views of the positive-advantage sequences, measured on exactly those rows).
 
     python benchmarks/step_time.py                  # all presets, 3 measured steps each
-    python benchmarks/step_time.py --presets grpo,papo_g --steps 2
+    python benchmarks/step_time.py --presets grpo,papo_g --steps 2 --no-scaling
+
+Each configuration runs in its own process (its peak RSS is reported); GRPO is also run with
+twice the prompts per step and twice the response length (the scaling exponents).
 
 Writes benchmarks/results/step_time.md.
 """
@@ -24,8 +27,15 @@ Writes benchmarks/results/step_time.md.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +52,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("time/rollout", "time/reward", "time/score", "time/update", "time/step")
 
 
-def standard_model(seed: int = 0):
+def standard_model(seed: int = 0, quick: bool = False):
+    if quick:  # smoke-test size
+        return build_tiny_vlm("qwen2_5_vl", seed=seed, min_pixels=56 * 56, max_pixels=56 * 56)
     return build_tiny_vlm(
         "qwen2_5_vl",
         seed=seed,
@@ -74,7 +86,9 @@ class BernoulliReward:
         return [float(x) for x in self.rng.integers(0, 2, len(completions))]
 
 
-def trainer_for(preset: str, out: Path, seed: int) -> Trainer:
+def trainer_for(
+    preset: str, out: Path, seed: int, extra: tuple[str, ...] | list[str] = ()
+) -> Trainer:
     cfg = load_config(
         None,
         [
@@ -95,9 +109,10 @@ def trainer_for(preset: str, out: Path, seed: int) -> Trainer:
             "train.save_every=0",
             f"train.seed={seed}",
             "train.steps=1000",
+            *extra,
         ],
     )
-    model, processor = standard_model(seed)
+    model, processor = standard_model(seed, quick=QUICK[0] in extra)
     return Trainer(
         cfg,
         model=model,
@@ -135,7 +150,7 @@ def pass_costs(trainer: Trainer) -> dict[str, float]:
     return out
 
 
-def floor(preset: str, m: dict[str, float], costs: dict[str, float], cfg) -> float:
+def floor(m: dict[str, float], costs: dict[str, float], cfg) -> float:
     """The least an objective computes: rollout + reward as measured, plus its passes."""
     total = m["time/rollout"] + m["time/reward"] + costs["U"]
     if cfg.objective.beta > 0:
@@ -145,6 +160,117 @@ def floor(preset: str, m: dict[str, float], costs: dict[str, float], cfg) -> flo
     if cfg.objective.uses_cppo:
         total += costs["U_views"]
     return total
+
+
+def measure(preset: str, steps: int, seed: int, out: Path, extra: list[str]) -> dict:
+    """One configuration in this process: a warm-up step, then `steps` measured steps."""
+    trainer = trainer_for(preset, out, seed, extra)
+    trainer.step()  # warm-up
+    records, floors = [], []
+    for _ in range(steps):
+        m = trainer.step()
+        costs = pass_costs(trainer)
+        records.append(m)
+        floors.append(floor(m, costs, trainer.cfg))
+    med = {k: statistics.median(r[k] for r in records) for k in PHASES}
+    med["floor"] = statistics.median(floors)
+    med["rounds"] = statistics.median(r["dynamic_sampling/rounds"] for r in records)
+    med["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return med
+
+
+def run_child(preset: str, args, extra: list[str]) -> dict:
+    """Measure one configuration in a fresh process, so its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            preset,
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+            "--result",
+            str(result),
+            "--",
+            *extra,
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(result.read_text())
+
+
+def exponent(t1: float, t2: float) -> float:
+    """Step time grows as size**e when the size doubles from t1 to t2: e = log2(t2 / t1)."""
+    return math.log2(t2 / t1)
+
+
+def report(rows: dict, scaling: dict, args) -> str:
+    base = rows.get("grpo")
+    lines = [
+        "# Step time and peak memory per objective (standard CPU workload)",
+        "",
+        f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}; median of "
+        f"{args.steps} steps after a warm-up step; each configuration in its own process, one "
+        "after another (peak RSS is that process's maximum). Seconds are CPU wall-clock: "
+        "compare within this table only.",
+        "",
+        "| preset | rollout s | reward s | score s | update s | step s | x GRPO | floor s | "
+        "measured / floor | peak RSS GiB | RSS x GRPO | DAPO rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset, r in rows.items():
+        ratio = f"{r['time/step'] / base['time/step']:.2f}" if base else "-"
+        mem = f"{r['peak_rss_gib'] / base['peak_rss_gib']:.2f}" if base else "-"
+        lines.append(
+            f"| {preset} | {r['time/rollout']:.2f} | {r['time/reward']:.3f} | "
+            f"{r['time/score']:.2f} | {r['time/update']:.2f} | {r['time/step']:.2f} | {ratio} | "
+            f"{r['floor']:.2f} | {r['time/step'] / r['floor']:.2f} | {r['peak_rss_gib']:.2f} | "
+            f"{mem} | {r['rounds']:.0f} |"
+        )
+    lines += [
+        "",
+        "The floor: rollout and reward as measured, plus the passes the objective needs, each "
+        "timed on the same batch in the same process (see the script's docstring).",
+    ]
+    if scaling:
+        lines += [
+            "",
+            "## Scaling (GRPO)",
+            "",
+            "Step time when one size doubles, everything else standard; exponent e with "
+            "time ~ size**e (1 = linear).",
+            "",
+            "| change | step s | x standard | exponent | rollout exponent | update exponent |",
+            "|---|---|---|---|---|---|",
+        ]
+        ref = rows["grpo"]
+        for label, r in scaling.items():
+            lines.append(
+                f"| {label} | {r['time/step']:.2f} | {r['time/step'] / ref['time/step']:.2f} | "
+                f"{exponent(ref['time/step'], r['time/step']):.2f} | "
+                f"{exponent(ref['time/rollout'], r['time/rollout']):.2f} | "
+                f"{exponent(ref['time/update'], r['time/update']):.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+#: ``--quick``: a tiny model and batch, to check the script end to end in a minute.
+QUICK = [
+    "train.prompts_per_step=4",
+    "rollout.n=2",
+    "rollout.max_new_tokens=8",
+    "rollout.min_new_tokens=8",
+]
+
+SCALING = {
+    "prompts per step 16 -> 32": ["train.prompts_per_step=32"],
+    "response length 64 -> 128": ["rollout.max_new_tokens=128", "rollout.min_new_tokens=128"],
+}
 
 
 def main() -> None:
@@ -157,46 +283,33 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="/tmp/vispo-bench")
+    p.add_argument("--no-scaling", action="store_true", help="skip the GRPO scaling runs")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny model and batch, nothing written"
+    )
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {}
-    for preset in args.presets.split(","):
-        trainer = trainer_for(preset, Path(args.out) / preset, args.seed)
-        trainer.step()  # warm-up
-        steps, floors = [], []
-        for _ in range(args.steps):
-            m = trainer.step()
-            costs = pass_costs(trainer)
-            steps.append(m)
-            floors.append(floor(preset, m, costs, trainer.cfg))
-        med = {k: statistics.median(s[k] for s in steps) for k in PHASES}
-        med["floor"] = statistics.median(floors)
-        med["rounds"] = statistics.median(s["dynamic_sampling/rounds"] for s in steps)
-        rows[preset] = med
-        print(preset, {k: round(v, 2) for k, v in med.items()}, flush=True)
+    if args.child:
+        with tempfile.TemporaryDirectory() as out:
+            med = measure(args.child, args.steps, args.seed, Path(out), args.extra)
+        Path(args.result).write_text(json.dumps(med))
+        return
 
-    base = rows.get("grpo", {}).get("time/step")
-    lines = [
-        "# Step time per objective (standard CPU workload)",
-        "",
-        f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}; median of "
-        f"{args.steps} steps after a warm-up step, one process, presets run one after another. "
-        "Seconds are CPU wall-clock: compare within this table only.",
-        "",
-        "| preset | rollout s | reward s | score s | update s | step s | x GRPO | floor s | "
-        "measured / floor | DAPO rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for preset, r in rows.items():
-        ratio = f"{r['time/step'] / base:.2f}" if base else "-"
-        lines.append(
-            f"| {preset} | {r['time/rollout']:.2f} | {r['time/reward']:.3f} | {r['time/score']:.2f} | "
-            f"{r['time/update']:.2f} | {r['time/step']:.2f} | {ratio} | {r['floor']:.2f} | "
-            f"{r['time/step'] / r['floor']:.2f} | {r['rounds']:.0f} |"
-        )
-    text = "\n".join(lines) + "\n"
+    rows, scaling = {}, {}
+    for preset in args.presets.split(","):
+        rows[preset] = run_child(preset, args, QUICK if args.quick else [])
+        print(preset, {k: round(v, 2) for k, v in rows[preset].items()}, flush=True)
+    if not args.no_scaling and "grpo" in rows:
+        for label, extra in SCALING.items():
+            scaling[label] = run_child("grpo", args, (QUICK if args.quick else []) + extra)
+            print(label, {k: round(v, 2) for k, v in scaling[label].items()}, flush=True)
+    text = report(rows, scaling, args)
     print(text)
+    if args.quick:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_time.md").write_text(text)
 
