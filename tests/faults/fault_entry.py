@@ -58,15 +58,16 @@ def phase(name: str, detail: str = "") -> None:
 
 def install() -> None:
     from vispo.rewards.sandbox import RewardRunner
+    from vispo.rollout import backend
     from vispo.train import checkpoint, logging, trainer
 
-    real_generate = trainer.generate
+    real_generate = backend.generate
 
     def generate(*args, **kwargs):
         phase("rollout")
         return real_generate(*args, **kwargs)
 
-    trainer.generate = generate
+    backend.generate = generate
 
     real_reward_call = RewardRunner.__call__
 

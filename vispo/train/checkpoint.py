@@ -2,7 +2,8 @@
 
 A checkpoint folder ``step-000123/`` holds:
 - ``weights.safetensors``: the policy's full ``state_dict`` (gathered from the shards under
-  FSDP2 by ``torch.distributed.checkpoint.state_dict``), with the module's own parameter
+  FSDP2 by ``torch.distributed.checkpoint.state_dict``, from the partitions under DeepSpeed
+  ZeRO by :func:`vispo.train.deepspeed.full_state`), with the module's own parameter
   names, loaded back strictly. (transformers' ``save_pretrained`` renames some VLMs' keys,
   e.g. Qwen2-VL's language model, so it is not used for resuming; ``vispo export`` writes a
   Hugging Face folder.)
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from vispo.train import deepspeed as ds
 from vispo.train.dist import Dist
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -147,8 +149,11 @@ def save_checkpoint(
     d = dist or Dist()
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
-    weights = get_model_state_dict(model, options=_FULL)
-    optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if ds.uses_zero(optimizer):  # DeepSpeed ZeRO: gathered from the partitions, same format
+        weights, optim = ds.full_state(model, optimizer)
+    else:
+        weights = get_model_state_dict(model, options=_FULL)
+        optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
     error: Exception | None = None
     try:
         if d.main:
@@ -211,8 +216,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = N
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "weights.safetensors"))
+        zero = ds.uses_zero(optimizer)  # DeepSpeed ZeRO: each rank keeps its partitions
         try:
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+            if zero:
+                ds.set_full_weights(model, optimizer, weights)
+            else:
+                set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
         except RuntimeError as e:
             raise CheckpointError(
                 f"{path}: weights do not match the model ({e}); was it written by another "
@@ -222,9 +231,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = N
             load_file(str(path / "optimizer.safetensors")),
             json.loads((path / "optimizer.json").read_text()),
         )
-        set_optimizer_state_dict(
-            model, optimizer, osd, options=StateDictOptions(full_state_dict=True)
-        )
+        if zero:
+            ds.set_full_optimizer_state(model, optimizer, osd)
+        else:
+            set_optimizer_state_dict(
+                model, optimizer, osd, options=StateDictOptions(full_state_dict=True)
+            )
         rank_file = path / f"rng-rank{d.rank}.json"
         if state.get("world_size", 1) == d.world and rank_file.exists():
             _set_rng(

@@ -159,9 +159,12 @@ class TrainConfig:
         "usual choice on GPUs). Log-probs and entropies are reduced in float32 either way.",
     )
     strategy: str = _f(
-        "ddp",
-        "Under torchrun: 'ddp' (replicated weights) or 'fsdp2' (sharded parameters, "
-        "gradients and optimizer state).",
+        "auto",
+        "Data parallelism under torchrun / accelerate launch: 'ddp' (replicated weights), "
+        "'fsdp2' (sharded parameters, gradients and optimizer state), 'zero2' (DeepSpeed "
+        "ZeRO-2: sharded gradients and optimizer state), 'zero3' (DeepSpeed ZeRO-3: also the "
+        "parameters); DeepSpeed needs `pip install vispo[deepspeed]`. 'auto': the strategy of "
+        "the accelerate config file that launched the run (configs/accelerate/), else 'ddp'.",
     )
 
 
@@ -242,7 +245,11 @@ class Config:
         need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
         need(t.device in ("auto", "cuda", "cpu"), "train.device", "must be auto, cuda or cpu")
         need(t.autocast in ("none", "bf16"), "train.autocast", "must be none or bf16")
-        need(t.strategy in ("ddp", "fsdp2"), "train.strategy", "must be ddp or fsdp2")
+        need(
+            t.strategy in ("auto", "ddp", "fsdp2", "zero2", "zero3"),
+            "train.strategy",
+            f"must be auto, ddp, fsdp2, zero2 or zero3, got {t.strategy!r}",
+        )
         for name in ("save_every", "eval_every", "samples_every"):
             need(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
         need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")

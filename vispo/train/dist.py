@@ -11,7 +11,12 @@ only for what the objective needs to be independent of the number of ranks:
   then exactly the one-process update on the global batch;
 - metrics are all-reduced (``loss/*`` parts summed, maxima maxed, the rest averaged).
 
-Launch with ``torchrun --nproc_per_node N -m vispo.cli train ...`` (see docs/distributed.md).
+DeepSpeed ZeRO-2/3 (``zero2`` / ``zero3``) wrap the policy together with its optimizer, so
+they happen in :func:`wrap_optimizer` (details in :mod:`vispo.train.deepspeed`).
+
+Launch with ``torchrun --nproc_per_node N -m vispo.cli train ...`` or ``accelerate launch
+--config_file configs/accelerate/<strategy>.yaml -m vispo.cli train ...``; with
+``train.strategy: auto`` the accelerate config picks the strategy (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,7 +27,42 @@ import os
 import torch
 import torch.distributed as dist
 
-STRATEGIES = ("ddp", "fsdp2")
+from vispo.train import deepspeed as ds
+from vispo.train.config import ConfigError
+
+STRATEGIES = ("ddp", "fsdp2", *ds.ZERO_STAGES)
+
+
+def resolve_strategy(requested: str, env: dict[str, str] | None = None) -> str:
+    """The strategy to run: ``requested``, or for ``auto`` the one of the accelerate config
+    that launched this process (``accelerate launch --config_file``), else ``ddp``.
+
+    An explicit strategy that contradicts the accelerate launch is an error (the run would
+    silently ignore the config file otherwise).
+    """
+    env = os.environ if env is None else env
+    stage = ds.launched_stage(env)
+    if stage is not None:
+        launched = f"zero{stage}"
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError(
+                "accelerate config: vispo shards with FSDP2 only; set fsdp_version: 2 "
+                "(configs/accelerate/fsdp2.yaml)"
+            )
+        launched = "fsdp2"
+    else:
+        launched = None
+    if requested == "auto":
+        return launched or "ddp"
+    if requested not in STRATEGIES:
+        raise ConfigError(f"train.strategy must be auto or one of {STRATEGIES}, got {requested!r}")
+    if launched is not None and launched != requested:
+        raise ConfigError(
+            f"train.strategy={requested} but accelerate launched this run with {launched}; set "
+            f"train.strategy={launched} or auto"
+        )
+    return requested
 
 
 @dataclasses.dataclass
@@ -109,7 +149,7 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Modul
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not d.active:
+    if not d.active or strategy in ds.ZERO_STAGES:  # DeepSpeed: wrap_optimizer
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -133,6 +173,22 @@ def wrap_model(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Modul
     # root module first").
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+def wrap_optimizer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy: str,
+    d: Dist,
+    *,
+    micro_batch: int,
+    grad_clip: float,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(module the update runs, optimizer the update steps): ``deepspeed.initialize`` for
+    ``zero2``/``zero3`` under more than one rank; unchanged otherwise."""
+    if strategy not in ds.ZERO_STAGES or not d.active:
+        return model, optimizer
+    return ds.initialize(model, optimizer, strategy, micro_batch=micro_batch, grad_clip=grad_clip)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,14 @@ from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
 from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vispo.train.config import Config, ConfigError, config_to_dict
-from vispo.train.dist import setup_distributed, unwrap, wrap_model
+from vispo.train.deepspeed import gathered
+from vispo.train.dist import (
+    resolve_strategy,
+    setup_distributed,
+    unwrap,
+    wrap_model,
+    wrap_optimizer,
+)
 from vispo.train.guard import CollapseGuard
 from vispo.train.logging import MetricsLog, write_samples_page
 from vispo.train.optim import build_optimizer
@@ -72,7 +79,8 @@ class Trainer:
         self.ref_model, self.ref_context = self._reference(model)
         # ``train_model`` runs the update (a DDP wrapper, or the FSDP2-sharded model);
         # ``model`` generates and scores without gradient.
-        self.train_model = wrap_model(model, cfg.train.strategy, self.dist)
+        self.strategy = resolve_strategy(cfg.train.strategy)
+        self.train_model = wrap_model(model, self.strategy, self.dist)
         self.model = unwrap(self.train_model)
         self.rollout_backend = load_backend(
             cfg.rollout.backend, self.model, self.processor, autocast=self.autocast
@@ -93,6 +101,15 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             vision_lr_scale=cfg.optim.vision_lr_scale,
+        )
+        # DeepSpeed ZeRO wraps the policy together with its optimizer.
+        self.train_model, self.optimizer = wrap_optimizer(
+            self.train_model,
+            self.optimizer,
+            self.strategy,
+            self.dist,
+            micro_batch=cfg.micro_batch,
+            grad_clip=cfg.optim.grad_clip,
         )
         self.sampler = PromptSampler(
             len(self.train_data), cfg.train.prompts_per_step, cfg.train.seed
@@ -229,7 +246,8 @@ class Trainer:
             messages = [self.template.render(s) for s in samples]
             ta = time.perf_counter()
             prompts = encode_prompts(self.processor, messages, images)
-            rollout = self._rollout(prompts, keys)
+            with gathered(self.model):  # ZeRO-3: full weights to generate
+                rollout = self._rollout(prompts, keys)
             tb = time.perf_counter()
             per_seq = [s for s in samples for _ in range(cfg.rollout.n)]
             result = self.reward(
@@ -412,19 +430,20 @@ class Trainer:
 
         n = min(self.cfg.data.eval_size, len(self.eval_data))
         mine = [self.eval_data[i] for i in range(self.dist.rank, n, self.dist.world)]
-        acc = (
-            greedy_accuracy(
-                self.model,
-                self.processor,
-                mine,
-                self.template,
-                self.reward,
-                max_new_tokens=self.cfg.rollout.max_new_tokens,
-                budget=self.budget,
+        with gathered(self.model):  # ZeRO-3: full weights to generate
+            acc = (
+                greedy_accuracy(
+                    self.model,
+                    self.processor,
+                    mine,
+                    self.template,
+                    self.reward,
+                    max_new_tokens=self.cfg.rollout.max_new_tokens,
+                    budget=self.budget,
+                )
+                if mine
+                else 0.0
             )
-            if mine
-            else 0.0
-        )
         total = self.dist.all_reduce(torch.tensor([acc * len(mine)], dtype=torch.float64))
         return float(total[0]) / n
 

@@ -18,6 +18,7 @@ import torch
 
 from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
 from vispo.models.scoring import ScoringBatch, score
+from vispo.train import deepspeed as ds
 from vispo.train.dist import Dist
 from vispo.train.optim import lr_factor
 
@@ -202,34 +203,44 @@ def ppo_update(
                 # rank's loss is its share of the sum, so scale it back by the world size.
                 scale = 1.0 if micro_norm == "global" else 1.0 / len(micro)
                 world_scale = dist.world if micro_norm == "global" else 1.0
-                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    (loss * scale * world_scale).backward()
                 loss_ok &= torch.isfinite(loss) & _finite_inputs(x)
+                last = k == len(micro) - 1
+                if ds.is_engine(model):  # DeepSpeed ZeRO: the engine's backward
+                    ds.backward(model, loss * scale * world_scale, last=last, ok=loss_ok)
+                else:
+                    sync = last or not hasattr(model, "no_sync")
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        (loss * scale * world_scale).backward()
                 sums.add(
                     metrics, loss_scale=scale * world_scale / dist.world, tokens=float(len(idx))
                 )
             sums.minibatches += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, grad_clip if grad_clip > 0 else math.inf
-            )
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-                grad_norm = grad_norm.full_tensor()
-            # One host sync per optimizer step: skip it (on every rank) if the loss or the
-            # gradient is not finite anywhere.
-            ok = loss_ok & torch.isfinite(grad_norm.detach().cpu())
-            if int(dist.all_reduce((~ok).long().reshape(1))[0]) == 0:
-                factor = lr_factor(
-                    state.updates, warmup=warmup, total=total_updates, schedule=schedule
+            factor = lr_factor(state.updates, warmup=warmup, total=total_updates, schedule=schedule)
+            if ds.is_engine(model):
+                # DeepSpeed clips with the global norm, steps, and skips (on every rank) a
+                # step whose norm is not finite; ds.backward poisoned it if the loss was not.
+                _set_lr(optimizer, lr, factor)
+                applied, grad_norm = ds.step(model)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, grad_clip if grad_clip > 0 else math.inf
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0) * factor
-                optimizer.step()
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                    grad_norm = grad_norm.full_tensor()
+                # One host sync per optimizer step: skip it (on every rank) if the loss or the
+                # gradient is not finite anywhere.
+                ok = loss_ok & torch.isfinite(grad_norm.detach().cpu())
+                applied = int(dist.all_reduce((~ok).long().reshape(1))[0]) == 0
+                if applied:
+                    _set_lr(optimizer, lr, factor)
+                    optimizer.step()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+            if applied:
                 state.updates += 1
                 state.skipped_in_row = 0
                 grad_norms.append(float(grad_norm))
             else:
-                optimizer.zero_grad(set_to_none=True)
                 state.skipped += 1
                 state.skipped_in_row += 1
     out = sums.result()
@@ -239,6 +250,11 @@ def ppo_update(
     )
     out["skipped_steps"] = float(state.skipped)
     return out
+
+
+def _set_lr(optimizer, lr: float, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0) * factor
 
 
 def _finite_inputs(x: ObjectiveInputs) -> torch.Tensor:
