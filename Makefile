@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vispo-installed
 THREADS ?= 2
 
-.PHONY: install test test-slow lint demo tiny-model bench faults clean
+.PHONY: install test test-slow lint demo tiny-model bench reproduce faults clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ tiny-model: install
 
 bench: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
+
+# Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
+# docs/results.md and docs/results_curves.png.
+reproduce: install
+	OMP_NUM_THREADS=1 $(PY) benchmarks/reproduce.py --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
