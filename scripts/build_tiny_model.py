@@ -20,8 +20,8 @@ What it does (everything seeded; same seed, same thread count -> same weights):
    colours but not shapes (measured: shape naming at chance after 1,000 steps).
 3. Stage ``perception``: supervised naming through the language model, with phrasings of
    its own ("Name the colour of the figure.", "Which side is the object on, left or
-   right?", "Describe the figure in two words."); the answers are the colour, the shape,
-   the side, the height, or "colour shape". The read-out loss stays on.
+   right?"); every answer is one word: the colour, the shape, the side or the height. The
+   read-out loss stays on.
 4. Stage ``format``: easy-vqa TRAIN questions (the ``short`` template: "... Answer in one
    word.") shown with *uninformative* images: three in four are drawn scenes unrelated to
    the question, the rest blank backgrounds, flat gray or noise. The model learns the
@@ -168,18 +168,10 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
         "Is the object near the top or near the bottom?",
         "Is the figure in the upper or the lower half? Say top or bottom.",
     ),
-    "describe": (
-        "Describe the figure in two words.",
-        "Caption the picture with its colour and figure.",
-    ),
 }
-KIND_WEIGHTS: dict[str, float] = {
-    "color": 0.3,
-    "shape": 0.3,
-    "side": 0.1,
-    "height": 0.1,
-    "describe": 0.2,
-}
+#: Every answer is one word, as in easy-vqa: a two-word "colour shape" caption kind leaked
+#: into RL (colour questions answered "black rectangle...", measured in one of two demo seeds).
+KIND_WEIGHTS: dict[str, float] = {"color": 0.4, "shape": 0.4, "side": 0.1, "height": 0.1}
 ONE_WORD = " Answer in one word."
 #: Centre this far from the midline (pixels) for a side/height question (no ambiguous labels).
 MIN_OFFSET = 6.0
@@ -201,10 +193,9 @@ def perception_sample(rng: np.random.Generator, index: int, split: str = "train"
         "shape": scene.shape,
         "side": "left" if scene.cx < mid else "right",
         "height": "top" if scene.cy < mid else "bottom",
-        "describe": f"{scene.color} {scene.shape}",
     }[kind]
     question = PHRASINGS[kind][rng.integers(len(PHRASINGS[kind]))]
-    if kind != "describe" and rng.random() < 0.5:
+    if rng.random() < 0.5:
         question += ONE_WORD
     return Sample(
         id=f"drawn/{split}/{index}",
@@ -520,11 +511,14 @@ def fresh_model(cfg: BuildConfig):
     )
 
 
-def build(cfg: BuildConfig, out: Path, init: Path | None = None) -> dict:
+def build(
+    cfg: BuildConfig, out: Path, init: Path | None = None, save_stages: Path | None = None
+) -> dict:
     """Train and save the model into ``out``; returns the final evaluation.
 
     `init`: start from this saved model instead of a fresh one (for iterating on a later
     stage; set the earlier stages' steps to 0). The shipped model is built from scratch.
+    `save_stages`: also save the model after each stage into ``save_stages/<stage>``.
     """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -692,9 +686,16 @@ def build(cfg: BuildConfig, out: Path, init: Path | None = None) -> dict:
         k_naming = int(round(cfg.format_naming_frac * cfg.batch_size))
         return format_items(cfg.batch_size - k_naming) + naming_items(k_naming)
 
+    def snapshot(stage: str) -> None:
+        if save_stages is not None:
+            model.save_pretrained(save_stages / stage)
+            processor.save_pretrained(save_stages / stage)
+
     run_vision_stage(cfg.vision_steps, cfg.vision_lr)
+    snapshot("vision")
     run_stage("perception", cfg.perception_steps, cfg.lr, lambda: naming_items(cfg.batch_size))
     evaluate("perception", cfg.perception_steps)
+    snapshot("perception")
     run_stage("format", cfg.format_steps, cfg.format_lr, format_batch)
     final = evaluate("format", cfg.format_steps)
     if cfg.eval_full_test:
@@ -769,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         "--init", type=Path, help="start from this saved model (iterate on a later stage)"
     )
     parser.add_argument(
+        "--save-stages", type=Path, help="also save the model after each stage in this folder"
+    )
+    parser.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -792,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, **{name: cast(value)})
     out = Path(args.out)
     start = time.perf_counter()
-    final = build(cfg, out, init=args.init)
+    final = build(cfg, out, init=args.init, save_stages=args.save_stages)
     minutes = (time.perf_counter() - start) / 60
     params = sum(
         int(math.prod(v["shape"]))
