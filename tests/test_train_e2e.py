@@ -332,3 +332,18 @@ def test_bf16_autocast_step_trains_float32_weights(tmp_path):
     assert metrics["skipped_steps"] == 0 and torch.isfinite(torch.tensor(metrics["loss/total"]))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in _weights(trainer.model).items())
+
+
+def test_a_periodic_evaluation_at_the_last_step_is_the_final_one(tmp_path):
+    trainer = _trainer(_cfg(tmp_path, "grpo", "data.eval_size=4", "train.eval_every=2"))
+    calls = []
+    real = trainer.evaluate
+
+    def counting():
+        calls.append(trainer.step_count)
+        return real()
+
+    trainer.evaluate = counting
+    history = trainer.train()
+    assert calls == [0, 2]  # before RL, and step 2 (= the end): not a third time
+    assert trainer.eval_results["accuracy_after"] == history[-1]["eval/accuracy"]

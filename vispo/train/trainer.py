@@ -366,7 +366,10 @@ class Trainer:
                 run.append({"step": self.step_count, **metrics})
                 bar.advance(metrics)
         if self.eval_data is not None and cfg.data.eval_size > 0:
-            self.eval_results["accuracy_after"] = self.evaluate()
+            last = self.history[-1] if self.history else {}
+            done = last.get("step") == self.step_count and "eval/accuracy" in last
+            # The last step's periodic evaluation is the final one: no second identical pass.
+            self.eval_results["accuracy_after"] = last["eval/accuracy"] if done else self.evaluate()
             self.log(f"held-out accuracy after RL: {self.eval_results['accuracy_after']:.3f}")
             if self.metrics_log is not None:
                 self.metrics_log.log(
