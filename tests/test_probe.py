@@ -239,3 +239,36 @@ def test_cli_probe(tmp_path, capsys):
     assert (tmp_path / "probe_easy-vqa-vd.png").is_file()
     assert cli.main(["probe", "tiny:qwen2_vl", "--mask-ratio", "2"]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def test_cli_probe_of_a_run_folder_uses_the_runs_mask(tmp_path):
+    """Without --mask-ratio/--patch-size the probe masks like the run trained (its
+    objective.mask_ratio and mask_patch_size); explicit flags win."""
+    from safetensors.torch import save_model
+
+    from vispo.models import build_tiny_vlm
+    from vispo.train.config import config_to_dict, load_config
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=tiny:qwen2_vl",
+            "objective.name=papo_g",
+            "objective.mask_ratio=0.4",
+            "objective.mask_patch_size=16",
+        ],
+    )
+    ckpt = run / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    model, _ = build_tiny_vlm("qwen2_vl")
+    save_model(model, str(ckpt / "weights.safetensors"))
+    (ckpt / "state.json").write_text('{"step": 1}')
+    common = ["--benchmarks", "easy-vqa-vd", "--limit", "1", "--max-new-tokens", "2"]
+    for extra, expected in (([], (0.4, 16)), (["--patch-size", "8"], (0.4, 8))):
+        out = tmp_path / f"probe{len(extra)}"
+        argv = ["probe", str(run), *common, "--out", str(out), "--no-progress", *extra]
+        assert cli.main(argv) == 0
+        settings = json.loads((out / "probe.json").read_text())["settings"]
+        assert (settings["mask_ratio"], settings["patch_size"]) == expected

@@ -213,8 +213,18 @@ def _probe(argv: list[str]) -> int:
     parser.add_argument("model", metavar="MODEL")
     _add_model_options(parser)
     parser.set_defaults(limit=200)
-    parser.add_argument("--mask-ratio", type=float, default=0.6, help="PAPO mask ratio")
-    parser.add_argument("--patch-size", type=int, default=14, help="PAPO mask patch side (px)")
+    parser.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=None,
+        help="PAPO mask ratio (default: the run's objective.mask_ratio, else 0.6)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="PAPO mask patch side in px (default: the run's objective.mask_patch_size, else 14)",
+    )
     parser.add_argument(
         "--blank-fill", type=int, default=128, help="gray level of the 'no image' stand-in"
     )
@@ -235,9 +245,17 @@ def _probe(argv: list[str]) -> int:
     )
 
     try:
+        loaded = load_model_spec(args.model, step=args.step)
+        run_objective = loaded.config.objective if loaded.config is not None else None
+
+        def run_value(given, field: str, default):
+            if given is not None:
+                return given
+            return getattr(run_objective, field) if run_objective is not None else default
+
         settings = ProbeSettings(
-            mask_ratio=args.mask_ratio,
-            patch_size=args.patch_size,
+            mask_ratio=run_value(args.mask_ratio, "mask_ratio", 0.6),
+            patch_size=run_value(args.patch_size, "mask_patch_size", 14),
             blank_fill=args.blank_fill,
             seed=args.seed,
             sample=args.sample,
@@ -250,7 +268,6 @@ def _probe(argv: list[str]) -> int:
             reward=args.reward,
         ).validate()
         benchmarks = parse_benchmarks(args.benchmarks, args.data_root)
-        loaded = load_model_spec(args.model, step=args.step)
         out = _output_dir(args.out, loaded, 1, "probe", "probes")
         probe_model(
             loaded,
