@@ -54,7 +54,12 @@ demo: install
 tiny-model: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/build_tiny_model.py --out vispo/assets/vispo-tiny
 
+# The CPU benchmark suite (issue 7; ~30 min on 2 cores): rewrites benchmarks/results/*.md.
 bench: install
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/levers.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
 
 # Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
