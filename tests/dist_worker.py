@@ -27,6 +27,32 @@ def parity_reward(completions, answers, **columns):
     return [float(len(c) % 2 == 0) for c in completions]
 
 
+def worker_config(out, strategy: str, steps: int, preset: str = "papo_g"):
+    """The tiny run every distributed test trains (batch-invariant rollouts, a checkpoint
+    every step)."""
+    return load_config(
+        None,
+        [
+            f"objective.name={preset}",
+            "model.name_or_path=tiny:qwen2_vl",
+            "data.limit=32",
+            "data.eval_size=0",
+            f"train.steps={steps}",
+            "train.prompts_per_step=4",
+            "rollout.n=3",
+            "rollout.max_new_tokens=5",
+            "rollout.batch_invariant=true",
+            f"train.out_dir={out}/run",
+            "logging.progress=false",
+            "optim.lr=1e-3",
+            "train.samples_every=0",
+            "train.save_every=1",
+            f"train.strategy={strategy}",
+            "train.device=cpu",
+        ],
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -37,27 +63,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(
-        None,
-        [
-            f"objective.name={a.preset}",
-            "model.name_or_path=tiny:qwen2_vl",
-            "data.limit=32",
-            "data.eval_size=0",
-            f"train.steps={a.steps}",
-            "train.prompts_per_step=4",
-            "rollout.n=3",
-            "rollout.max_new_tokens=5",
-            "rollout.batch_invariant=true",
-            f"train.out_dir={a.out}/run",
-            "logging.progress=false",
-            "optim.lr=1e-3",
-            "train.samples_every=0",
-            "train.save_every=1",
-            f"train.strategy={a.strategy}",
-            "train.device=cpu",
-        ],
-    )
+    cfg = worker_config(a.out, a.strategy, a.steps, a.preset)
     trainer = Trainer(cfg, resume=a.resume, reward_fn=RewardRunner(parity_reward, num_workers=0))
     if a.interrupt_after:
         history = []

@@ -20,17 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
+from dist_worker import parity_reward, worker_config  # the same tiny run
 
 from vispo.models.scoring import score
 from vispo.rewards import RewardRunner
 from vispo.train import deepspeed as ds
 from vispo.train import update
-from vispo.train.config import load_config
 from vispo.train.trainer import Trainer
-
-
-def parity_reward(completions, answers, **columns):
-    return [float(len(c) % 2 == 0) for c in completions]
 
 
 def distrust(step: int, rank: int) -> dict:
@@ -88,27 +84,7 @@ def main() -> None:
     p.add_argument("--distrust-step", type=int)
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(
-        None,
-        [
-            "objective.name=papo_g",
-            "model.name_or_path=tiny:qwen2_vl",
-            "data.limit=32",
-            "data.eval_size=0",
-            f"train.steps={a.steps}",
-            "train.prompts_per_step=4",
-            "rollout.n=3",
-            "rollout.max_new_tokens=5",
-            "rollout.batch_invariant=true",
-            f"train.out_dir={a.out}/run",
-            "logging.progress=false",
-            "optim.lr=1e-3",
-            "train.samples_every=0",
-            "train.save_every=1",
-            f"train.strategy={a.strategy}",
-            "train.device=cpu",
-        ],
-    )
+    cfg = worker_config(a.out, a.strategy, a.steps)
     trainer = Trainer(cfg, resume=a.resume, reward_fn=RewardRunner(parity_reward, num_workers=0))
     current = distrust(a.distrust_step, rank=0) if a.distrust_step else {}
     history = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_distributed import COMPARED  # the metrics every distributed run must reproduce
 
 from vispo.train.config import ConfigError
 from vispo.train.deepspeed import DeepSpeedConfigError, deepspeed_config
@@ -25,17 +26,6 @@ from vispo.train.dist import resolve_strategy
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ds_worker.py")
 ACCELERATE = ROOT / "vispo" / "configs" / "accelerate"
-COMPARED = [
-    "loss/total",
-    "loss/policy",
-    "loss/ref_kl",
-    "loss/perception_kl",
-    "reward/mean",
-    "perception/kl_mean",
-    "grad_norm",
-    "entropy/orig",
-    "clip/high",
-]
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (pip install 'vispo[deepspeed]'; make test installs it)",
