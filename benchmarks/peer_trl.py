@@ -63,7 +63,11 @@ from transformers import TrainerCallback
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from step_time import BernoulliReward, standard_model  # noqa: E402  (the one workload definition)
+from step_time import (  # noqa: E402  (the one workload definition)
+    BernoulliReward,
+    standard_model,
+    workload_overrides,
+)
 
 from vispo.algos import (  # noqa: E402
     ObjectiveInputs,
@@ -110,29 +114,8 @@ def build_model(quick: bool, seed: int):
 
 def vispo_config(beta: float, out: Path, seed: int, steps: int):
     """The config of ``step_time.trainer_for`` with the reference-KL weight set."""
-    return load_config(
-        None,
-        [
-            "objective.name=grpo",
-            f"objective.beta={beta}",
-            "data.name=easy-vqa",
-            "data.template=short",
-            "data.eval_size=0",
-            "data.limit=2000",
-            f"train.prompts_per_step={PROMPTS}",
-            f"rollout.n={N}",
-            f"rollout.max_new_tokens={TOKENS}",
-            f"rollout.min_new_tokens={TOKENS}",
-            "rollout.temperature=1.0",
-            "optim.lr=1e-6",
-            f"train.out_dir={out}",
-            "logging.progress=false",
-            "train.samples_every=0",
-            "train.save_every=0",
-            f"train.seed={seed}",
-            f"train.steps={max(steps, 2)}",
-        ],
-    )
+    overrides = workload_overrides("grpo", out, seed, steps=max(steps, 2))
+    return load_config(None, [*overrides, f"objective.beta={beta}"])
 
 
 def prompt_batches(cfg, processor, n_batches: int) -> list[list[dict]]:

@@ -86,32 +86,33 @@ class BernoulliReward:
         return [float(x) for x in self.rng.integers(0, 2, len(completions))]
 
 
+def workload_overrides(preset: str, out: Path, seed: int, steps: int = 1000) -> list[str]:
+    """The standard workload as config overrides (the one definition; peer_trl.py uses it)."""
+    return [
+        f"objective.name={preset}",
+        "data.name=easy-vqa",
+        "data.template=short",
+        "data.eval_size=0",
+        "data.limit=2000",
+        "train.prompts_per_step=16",
+        "rollout.n=5",
+        "rollout.max_new_tokens=64",
+        "rollout.min_new_tokens=64",
+        "rollout.temperature=1.0",
+        "optim.lr=1e-6",
+        f"train.out_dir={out}",
+        "logging.progress=false",
+        "train.samples_every=0",
+        "train.save_every=0",
+        f"train.seed={seed}",
+        f"train.steps={steps}",
+    ]
+
+
 def trainer_for(
     preset: str, out: Path, seed: int, extra: tuple[str, ...] | list[str] = ()
 ) -> Trainer:
-    cfg = load_config(
-        None,
-        [
-            f"objective.name={preset}",
-            "data.name=easy-vqa",
-            "data.template=short",
-            "data.eval_size=0",
-            "data.limit=2000",
-            "train.prompts_per_step=16",
-            "rollout.n=5",
-            "rollout.max_new_tokens=64",
-            "rollout.min_new_tokens=64",
-            "rollout.temperature=1.0",
-            "optim.lr=1e-6",
-            f"train.out_dir={out}",
-            "logging.progress=false",
-            "train.samples_every=0",
-            "train.save_every=0",
-            f"train.seed={seed}",
-            "train.steps=1000",
-            *extra,
-        ],
-    )
+    cfg = load_config(None, workload_overrides(preset, out, seed) + list(extra))
     model, processor = standard_model(seed, quick=QUICK[0] in extra)
     return Trainer(
         cfg,
