@@ -13,7 +13,8 @@ process on the same batch: the rollout and reward phases as measured, plus
 - ``F``: one no-gradient forward over the batch (reference model, PAPO's detached masked
   branch), and
 - ``U``: one forward + backward over the batch (the update; CPPO adds one over its I+ and I-
-  views of the positive-advantage sequences, measured on exactly those rows).
+  views of the positive-advantage sequences, measured on exactly those rows),
+each with the full-vocabulary entropies the objective needs (CPPO's token selection).
 
     python benchmarks/step_time.py                  # all presets, 3 measured steps each
     python benchmarks/step_time.py --presets grpo,papo_g --steps 2 --no-scaling
@@ -123,31 +124,50 @@ def trainer_for(
 
 
 def pass_costs(trainer: Trainer) -> dict[str, float]:
-    """F (no-grad forward) and U (forward + backward) over the last step's batch, and the
-    CPPO views' forward + backward over its positive-advantage rows."""
-    step, model = trainer._last_step, trainer.train_model
+    """The passes an objective needs, each timed alone over the last step's batch: ``F`` (a
+    no-gradient forward: the reference model), ``F_mask`` (PAPO's detached masked branch),
+    ``U`` (the update's forward + backward on the original image) and ``U_views`` (CPPO's I+
+    and I- forward + backward over the positive-advantage rows). Each computes the
+    full-vocabulary entropies its objective needs (CPPO's token selection, PAPO's "full"
+    estimator)."""
+    step, model, req = trainer._last_step, trainer.train_model, trainer.req
     batch = step.batch
-    t0 = time.perf_counter()
-    score(model, batch, [None], grad=False)
-    f = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    score(model, batch, [None], grad=True)[0].logp.sum().backward()
-    u = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    out = {"F": f, "U": u}
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return elapsed
+
+    out = {
+        "F": timed(lambda: score(model, batch, [None], grad=False)),
+        "U": timed(
+            lambda: (
+                score(model, batch, [None], grad=True, entropy="orig" in req.entropy)[0]
+                .logp.sum()
+                .backward()
+            )
+        ),
+    }
+    if "mask" in step.variants:
+        out["F_mask"] = timed(
+            lambda: score(model, batch, [step.variants["mask"]], entropy="mask" in req.entropy)
+        )
     if "pos" in step.variants:
         rows = torch.nonzero(step.advantages > 0).squeeze(-1)
-        t0 = time.perf_counter()
-        views = score(
-            model,
-            batch.select(rows),
-            [step.variants["pos"], step.variants["neg"]],
-            grad=True,
-            entropy=[False, True],
-        )
-        (views[0].logp.sum() + views[1].logp.sum()).backward()
-        out["U_views"] = time.perf_counter() - t0
-        model.zero_grad(set_to_none=True)
+
+        def views():
+            pos, neg = score(
+                model,
+                batch.select(rows),
+                [step.variants["pos"], step.variants["neg"]],
+                grad=True,
+                entropy=[False, "neg" in req.entropy],
+            )
+            (pos.logp.sum() + neg.logp.sum()).backward()
+
+        out["U_views"] = timed(views)
     return out
 
 
@@ -157,7 +177,7 @@ def floor(m: dict[str, float], costs: dict[str, float], cfg) -> float:
     if cfg.objective.beta > 0:
         total += costs["F"]  # reference model
     if cfg.objective.uses_papo and not cfg.objective.masked_grad:
-        total += costs["F"]  # detached masked branch
+        total += costs["F_mask"]  # detached masked branch
     if cfg.objective.uses_cppo:
         total += costs["U_views"]
     return total

@@ -12,7 +12,12 @@ from .advantages import (
 )
 from .aggregate import AGG_MODES, aggregate, masked_mean
 from .contrastive import contrastive_perception_loss, cppo_perception_mask
-from .entropy import entropy_from_logits, sampled_entropy, selective_log_softmax
+from .entropy import (
+    entropy_from_logits,
+    logp_and_entropy,
+    sampled_entropy,
+    selective_log_softmax,
+)
 from .kl import full_kl, kl_estimate
 from .objective import (
     OBJECTIVE_TERMS,
@@ -50,6 +55,7 @@ __all__ = [
     "double_entropy_loss",
     "dynamic_sampling_keep",
     "entropy_from_logits",
+    "logp_and_entropy",
     "full_kl",
     "group_advantages",
     "kl_estimate",

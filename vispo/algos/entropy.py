@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import torch
 
-# Elements of a float32 chunk (rows x vocabulary): 2**24 floats = 64 MiB.
+# Elements of a float32 chunk (rows x vocabulary): 2**24 floats = 64 MiB on accelerators. On
+# CPU 2**22 floats = 16 MiB, under glibc's largest mmap threshold (32 MiB): the chunk's
+# temporaries are then reused from the heap, where 64 MiB ones are fresh mmaps that page-fault
+# on every chunk (on the standard benchmark workload ~1M minor faults per update).
 _CHUNK_ELEMENTS = 1 << 24
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
-def _rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
+def _rows_per_chunk(logits: torch.Tensor, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    elements = _CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else _CHUNK_ELEMENTS
+    return max(1, elements // max(logits.shape[-1], 1))
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -28,93 +33,108 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log p(token) = z[token] - logsumexp(z), chunked over rows.
+class _LogpEntropy(torch.autograd.Function):
+    """Per row of ``z = logits * inv_temp``: ``log p(token)`` and/or the entropy ``H(z)``, chunked.
 
-    Backward: d logp / dz = onehot(token) - softmax(z), recomputed per chunk.
+    One pass over each chunk serves both: with ``s = z - max(z)``, ``e = exp(s)``,
+    ``lse = max(z) + log(sum e)``, ``log p(token) = z[token] - lse`` and
+    ``H = log(sum e) - sum(e * s) / sum(e)`` (shifting first keeps float32 accurate to ~1e-6 over
+    a 152k vocabulary; ``logsumexp(z) - sum(softmax(z) * z)`` loses ~3e-4 to cancellation).
+    Backward, with ``p = exp(z - lse)`` recomputed per chunk:
+    ``d logp / dz = onehot(token) - p`` and ``dH / dz = -p * (z - E_p[z])``.
+    ``token_ids`` None: entropy only (the log-prob output is empty).
     """
 
     @staticmethod
-    def forward(ctx, logits, token_ids, inv_temp, rows):
+    def forward(ctx, logits, token_ids, inv_temp, rows, want_entropy):
         acc = _acc_dtype(logits)
-        out = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        lse = torch.empty_like(out)
-        for s in range(0, logits.shape[0], rows):
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        logp = torch.empty(n if token_ids is not None else 0, dtype=acc, device=logits.device)
+        ent = torch.empty(n if want_entropy else 0, dtype=acc, device=logits.device)
+        for s in range(0, n, rows):
             z = logits[s : s + rows].to(acc)
             if inv_temp != 1.0:
                 z = z * inv_temp
-            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
-            out[s : s + rows] = z.gather(-1, token_ids[s : s + rows, None]).squeeze(-1)
-        out -= lse
+            top = z.amax(-1, keepdim=True)
+            shifted = z - top
+            e = shifted.exp() if want_entropy else shifted.exp_()
+            log_total = e.sum(-1).log()
+            lse[s : s + rows] = top.squeeze(-1) + log_total
+            if token_ids is not None:
+                logp[s : s + rows] = z.gather(-1, token_ids[s : s + rows, None]).squeeze(-1)
+            if want_entropy:
+                ent[s : s + rows] = log_total - torch.linalg.vecdot(e, shifted) / log_total.exp()
+        if token_ids is not None:
+            logp -= lse
         ctx.save_for_backward(logits, token_ids, lse)
         ctx.inv_temp, ctx.rows = inv_temp, rows
-        return out
+        ctx.set_materialize_grads(False)
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_logp, grad_ent):
         logits, token_ids, lse = ctx.saved_tensors
         inv_temp, rows = ctx.inv_temp, ctx.rows
+        if grad_logp is None and grad_ent is None:
+            return None, None, None, None, None
         acc = _acc_dtype(logits)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], rows):
             z = logits[s : s + rows].to(acc)
             if inv_temp != 1.0:
                 z = z * inv_temp
-            g = grad_out[s : s + rows, None].to(acc)
-            chunk = -torch.exp(z - lse[s : s + rows, None]) * g
-            chunk.scatter_add_(-1, token_ids[s : s + rows, None], g)
-            grad[s : s + rows] = chunk * inv_temp
-        return grad, None, None, None
+            # In place where possible: one [rows, V] temporary besides z (none more for logp).
+            p = torch.sub(z, lse[s : s + rows, None]).exp_()
+            if grad_ent is not None:
+                mean_z = torch.linalg.vecdot(p, z)[:, None]
+                weight = (z - mean_z).mul_(grad_ent[s : s + rows, None].to(acc))
+                if grad_logp is not None:
+                    weight.add_(grad_logp[s : s + rows, None].to(acc))
+                chunk = p.mul_(weight).neg_()
+            else:
+                chunk = p.mul_(grad_logp[s : s + rows, None].to(acc)).neg_()
+            if grad_logp is not None:
+                chunk.scatter_add_(
+                    -1, token_ids[s : s + rows, None], grad_logp[s : s + rows, None].to(acc)
+                )
+            torch.mul(chunk, inv_temp, out=grad[s : s + rows])
+        return grad, None, None, None, None
 
 
-def _entropy_rows(z: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(z) per row, as log(sum e) - sum(e * s) / sum(e) with s = z - max(z).
-
-    Shifting first and normalising once keeps float32 accurate to ~1e-6 over a 152k vocabulary;
-    ``logsumexp(z) - sum(softmax(z) * z)`` loses ~3e-4 to cancellation there.
-    """
-    shifted = z - z.amax(-1, keepdim=True)
-    e = shifted.exp()
-    total = e.sum(-1)
-    return total.log() - (e * shifted).sum(-1) / total
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-class _Entropy(torch.autograd.Function):
-    """H(z) = logsumexp(z) - sum(softmax(z) * z), chunked over rows.
+def logp_and_entropy(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_log_softmax` and :func:`entropy_from_logits` of the same logits in one
+    pass over them (one exponential per element instead of two); both differentiable."""
+    _check_shapes(logits, token_ids)
+    _check_temperature(temperature)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    logp, ent = _LogpEntropy.apply(
+        logits.reshape(-1, vocab),
+        token_ids.reshape(-1).long(),
+        1.0 / temperature,
+        _rows_per_chunk(logits, chunk_size),
+        True,
+    )
+    return logp.reshape(lead), ent.reshape(lead)
 
-    Backward: dH / dz_j = -p_j * (z_j - E_p[z]), recomputed per chunk.
-    """
 
-    @staticmethod
-    def forward(ctx, logits, inv_temp, rows):
-        acc = _acc_dtype(logits)
-        out = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        for s in range(0, logits.shape[0], rows):
-            z = logits[s : s + rows].to(acc)
-            if inv_temp != 1.0:
-                z = z * inv_temp
-            out[s : s + rows] = _entropy_rows(z)
-        ctx.save_for_backward(logits)
-        ctx.inv_temp, ctx.rows = inv_temp, rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (logits,) = ctx.saved_tensors
-        inv_temp, rows = ctx.inv_temp, ctx.rows
-        acc = _acc_dtype(logits)
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], rows):
-            z = logits[s : s + rows].to(acc)
-            if inv_temp != 1.0:
-                z = z * inv_temp
-            shifted = z - z.amax(-1, keepdim=True)
-            e = shifted.exp()
-            p = e / e.sum(-1, keepdim=True)
-            mean_z = (p * shifted).sum(-1, keepdim=True)
-            g = grad_out[s : s + rows, None].to(acc)
-            grad[s : s + rows] = (-p * (shifted - mean_z) * g) * inv_temp
-        return grad, None, None
+def _check_shapes(logits: torch.Tensor, token_ids: torch.Tensor) -> None:
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} must equal logits shape without the "
+            f"vocabulary axis {tuple(logits.shape[:-1])}"
+        )
 
 
 def selective_log_softmax(
@@ -130,20 +150,17 @@ def selective_log_softmax(
     Never materialises a float32 ``[..., V]`` tensor: rows are processed ``chunk_size`` at a time
     (default: as many as fit 2**24 floats). Differentiable with respect to ``logits``.
     """
-    if logits.shape[:-1] != token_ids.shape:
-        raise ValueError(
-            f"token_ids shape {tuple(token_ids.shape)} must equal logits shape without the "
-            f"vocabulary axis {tuple(logits.shape[:-1])}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_shapes(logits, token_ids)
+    _check_temperature(temperature)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    ids = token_ids.reshape(-1).long()
-    out = _SelectiveLogSoftmax.apply(
-        flat, ids, 1.0 / temperature, _rows_per_chunk(vocab, chunk_size)
+    logp, _ = _LogpEntropy.apply(
+        logits.reshape(-1, vocab),
+        token_ids.reshape(-1).long(),
+        1.0 / temperature,
+        _rows_per_chunk(logits, chunk_size),
+        False,
     )
-    return out.reshape(lead)
+    return logp.reshape(lead)
 
 
 def entropy_from_logits(
@@ -154,12 +171,16 @@ def entropy_from_logits(
     ``logits``: ``[..., V]``; returns ``[...]`` in float32, chunked like
     :func:`selective_log_softmax` and differentiable.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    out = _Entropy.apply(flat, 1.0 / temperature, _rows_per_chunk(vocab, chunk_size))
-    return out.reshape(lead)
+    _, ent = _LogpEntropy.apply(
+        logits.reshape(-1, vocab),
+        None,
+        1.0 / temperature,
+        _rows_per_chunk(logits, chunk_size),
+        True,
+    )
+    return ent.reshape(lead)
 
 
 def sampled_entropy(logp: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ as :func:`pixel_inputs` returns them; the batch repeats them for each prompt's r
 
 Logits are computed only at the response positions (``logits_to_keep``), divided by the
 rollout temperature, and reduced with the chunked ``selective_log_softmax`` and
-``entropy_from_logits`` of :mod:`vispo.algos` (float32, no float32 ``[B, T, V]`` copy).
+``entropy_from_logits`` of :mod:`vispo.algos` (fused in ``logp_and_entropy``) (float32, no float32 ``[B, T, V]`` copy).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from PIL import Image
 
-from vispo.algos import entropy_from_logits, selective_log_softmax
+from vispo.algos import logp_and_entropy, selective_log_softmax
 from vispo.models.layout import PixelLayout, concat_pixels, index_pixels, layout_for
 
 PixelDict = dict[str, torch.Tensor]
@@ -484,6 +484,7 @@ def _response_logits(
 ) -> list[torch.Tensor]:
     """``[b, T, V]`` logits predicting each response token, one tensor per variant."""
     T = batch.response_mask.shape[1]
+    L = batch.input_ids.shape[1]
     device = _model_device(model)
     text = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     text.update(batch.token_inputs)
@@ -496,10 +497,13 @@ def _response_logits(
         inputs = {k: torch.cat([v] * len(group), dim=0) for k, v in text.items()}
         inputs.update(concat_pixels([per_variant[k] for k in group], batch.layout))
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        # The last T+1 positions predict the T response tokens (the final one is unused).
+        # Positions L-T-1 .. L-2 predict the T response tokens. Keeping exactly those (rather
+        # than the last T+1 and slicing) gives contiguous [b, T, V] logits: no copy of them in
+        # the reductions and no [b, T+1, V] gradient buffer in the backward.
+        keep = torch.arange(L - T - 1, L - 1, device=device)
         with forward_precision(device, autocast):
-            out = model(**inputs, logits_to_keep=T + 1, use_cache=False)
-        logits.extend(out.logits[:, :-1].chunk(len(group), dim=0))
+            out = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits.extend(out.logits.chunk(len(group), dim=0))
     return logits
 
 
@@ -566,15 +570,13 @@ def score(
             targets = sub.response_ids.to(mask.device)
             logits = _response_logits(model, sub, resolved, stack=stack, autocast=autocast)
             for k, variant_logits in enumerate(logits):
-                logp = selective_log_softmax(
-                    variant_logits, targets, temperature=temperature, chunk_size=chunk_size
-                )
-                logps[k].append(torch.where(mask, logp, torch.zeros_like(logp)))
+                kw = dict(temperature=temperature, chunk_size=chunk_size)
                 if flags[k]:
-                    ent = entropy_from_logits(
-                        variant_logits, temperature=temperature, chunk_size=chunk_size
-                    )
+                    logp, ent = logp_and_entropy(variant_logits, targets, **kw)
                     ents[k].append(torch.where(mask, ent, torch.zeros_like(ent)))
+                else:
+                    logp = selective_log_softmax(variant_logits, targets, **kw)
+                logps[k].append(torch.where(mask, logp, torch.zeros_like(logp)))
     return [
         Scores(
             logp=torch.cat(logps[k], dim=0),
