@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vispo-installed
 THREADS ?= 2
 
-.PHONY: install test test-slow lint demo tiny-model bench reproduce faults clean
+.PHONY: install test test-slow lint demo tiny-model bench bench-gpu reproduce faults clean
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ bench: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/levers.py
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
+
+# The GPU variant of the step-time suite (a ~0.7B model, 512-token responses, bf16 autocast);
+# needs a CUDA build of torch. Writes benchmarks/results/step_time_gpu.md.
+bench-gpu: install
+	$(PY) benchmarks/step_time.py --workload gpu
 
 # Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
 # docs/results.md and docs/results_curves.png.

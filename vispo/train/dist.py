@@ -92,6 +92,11 @@ class Dist:
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
+    def synchronize(self) -> None:
+        """Wait for this rank's queued GPU work (phase timings; a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -201,6 +201,7 @@ class Trainer:
             ref_context=self.ref_context,
             autocast=self.autocast,
         )
+        self.dist.synchronize()  # the scoring passes run asynchronously on a GPU
         t2 = time.perf_counter()
         metrics = self._update(step, fixed)  # objective + update
         self.rollout_backend.sync_weights(self.model)
