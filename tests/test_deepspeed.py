@@ -10,14 +10,16 @@ neither DeepSpeed nor a launch: they check what vispo makes of the shipped accel
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_distributed import COMPARED  # the metrics every distributed run must reproduce
+from test_distributed import (  # the metrics every distributed run must reproduce
+    COMPARED,
+    free_port,
+)
 
 from vispo.train.config import ConfigError
 from vispo.train.deepspeed import DeepSpeedConfigError, deepspeed_config
@@ -143,12 +145,6 @@ def test_deepspeed_settings_vispo_cannot_honour_are_refused(tmp_path, file, env,
 # --- two ranks against one process ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, *args: str, launcher: list[str] | None = None, env=None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [*(launcher or []), str(WORKER), str(out), *args]
@@ -161,7 +157,7 @@ def _run(out: Path, *args: str, launcher: list[str] | None = None, env=None) -> 
 def _torchrun() -> list[str]:
     return [
         *[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
-        *["--master_port", str(_free_port())],
+        *["--master_port", str(free_port())],
     ]
 
 
@@ -169,7 +165,7 @@ def _accelerate(name: str, ds_json: Path) -> list[str]:
     return [
         *[sys.executable, "-m", "accelerate.commands.launch"],
         *["--config_file", str(ACCELERATE / f"{name}.yaml"), "--num_processes", "2"],
-        *["--main_process_port", str(_free_port()), "--deepspeed_config_file", str(ds_json)],
+        *["--main_process_port", str(free_port()), "--deepspeed_config_file", str(ds_json)],
     ]
 
 

@@ -6,6 +6,7 @@ batch-invariant rollouts (each prompt seeded on its own), so both layouts see th
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,14 @@ COMPARED = [
 ]
 
 
+def free_port() -> int:
+    """A port free right now (a fixed one per test process could still be held by the
+    previous launch's store, e.g. right after an interrupted run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(out: Path, *args: str, ranks: int = 1) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 1:
@@ -39,7 +48,7 @@ def _run(out: Path, *args: str, ranks: int = 1) -> None:
             "--nproc_per_node",
             str(ranks),
             "--master_port",
-            str(29500 + os.getpid() % 1000),
+            str(free_port()),
             str(WORKER),
             str(out),
             *args,
