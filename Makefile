@@ -59,7 +59,7 @@ bench: install
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/levers.py
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off --steps 2
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
 
 # The GPU variant of the step-time suite (a ~0.7B model, 512-token responses, bf16 autocast);

@@ -249,7 +249,9 @@ def measure(
     return med
 
 
-def run_child(preset: str, args, extra: list[str], with_floor: bool = True) -> dict:
+def run_child(
+    preset: str, args, extra: list[str], with_floor: bool = True, steps: int | None = None
+) -> dict:
     """Measure one configuration in a fresh process, so its peak memory is its own."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
@@ -259,7 +261,7 @@ def run_child(preset: str, args, extra: list[str], with_floor: bool = True) -> d
             "--child",
             preset,
             "--steps",
-            str(args.steps),
+            str(steps or args.steps),
             "--threads",
             str(args.threads),
             "--seed",
@@ -333,8 +335,9 @@ def report(rows: dict, scaling: dict, args) -> str:
             "",
             "## Scaling (GRPO)",
             "",
-            "Step time when one size doubles, everything else standard; exponent e with "
-            "time ~ size**e (1 = linear).",
+            "Step time when one size doubles, everything else standard (median of "
+            f"{args.scaling_steps} steps after a warm-up step); exponent e with time ~ size**e "
+            "(1 = linear).",
             "",
             "| change | step s | x standard | exponent | rollout exponent | update exponent |",
             "|---|---|---|---|---|---|",
@@ -392,6 +395,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-scaling", action="store_true", help="skip the GRPO scaling runs")
+    p.add_argument("--scaling-steps", type=int, default=2, help="measured steps per scaling run")
     p.add_argument(
         "--quick", action="store_true", help="smoke test: tiny model and batch, nothing written"
     )
@@ -430,7 +434,9 @@ def main() -> None:
         print(preset, {k: round(v, 2) for k, v in rows[preset].items()}, flush=True)
     if not args.no_scaling and "grpo" in rows:
         for label, extra in SCALING[args.workload].items():
-            scaling[label] = run_child("grpo", args, base + extra, with_floor=False)
+            scaling[label] = run_child(
+                "grpo", args, base + extra, with_floor=False, steps=args.scaling_steps
+            )
             print(label, {k: round(v, 2) for k, v in scaling[label].items()}, flush=True)
     text = report(rows, scaling, args)
     print(text)

@@ -102,6 +102,14 @@ class _LogpEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _check_shapes(logits: torch.Tensor, token_ids: torch.Tensor) -> None:
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} must equal logits shape without the "
+            f"vocabulary axis {tuple(logits.shape[:-1])}"
+        )
+
+
 def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -129,14 +137,6 @@ def logp_and_entropy(
     return logp.reshape(lead), ent.reshape(lead)
 
 
-def _check_shapes(logits: torch.Tensor, token_ids: torch.Tensor) -> None:
-    if logits.shape[:-1] != token_ids.shape:
-        raise ValueError(
-            f"token_ids shape {tuple(token_ids.shape)} must equal logits shape without the "
-            f"vocabulary axis {tuple(logits.shape[:-1])}"
-        )
-
-
 def selective_log_softmax(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
@@ -148,7 +148,8 @@ def selective_log_softmax(
 
     ``logits``: ``[..., V]`` in any float dtype; ``token_ids``: ``[...]`` (same leading shape).
     Never materialises a float32 ``[..., V]`` tensor: rows are processed ``chunk_size`` at a time
-    (default: as many as fit 2**24 floats). Differentiable with respect to ``logits``.
+    (default: as many as fit 2**24 floats, 2**22 on CPU). Differentiable with respect to
+    ``logits``.
     """
     _check_shapes(logits, token_ids)
     _check_temperature(temperature)

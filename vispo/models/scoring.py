@@ -17,8 +17,9 @@ as :func:`pixel_inputs` returns them; the batch repeats them for each prompt's r
 ``ScoringBatch.select`` keeps that mapping, so the same variant dict serves every mini-batch.
 
 Logits are computed only at the response positions (``logits_to_keep``), divided by the
-rollout temperature, and reduced with the chunked ``selective_log_softmax`` and
-``entropy_from_logits`` of :mod:`vispo.algos` (fused in ``logp_and_entropy``) (float32, no float32 ``[B, T, V]`` copy).
+rollout temperature, and reduced with the chunked ``selective_log_softmax`` of
+:mod:`vispo.algos`, or ``logp_and_entropy`` when entropies are wanted too (float32, no float32
+``[B, T, V]`` copy).
 """
 
 from __future__ import annotations
