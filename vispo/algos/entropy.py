@@ -102,17 +102,33 @@ class _LogpEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _check_shapes(logits: torch.Tensor, token_ids: torch.Tensor) -> None:
-    if logits.shape[:-1] != token_ids.shape:
+def _reduce(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+    want_entropy: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check the arguments, flatten, run :class:`_LogpEntropy`, restore the leading shape."""
+    if token_ids is not None and logits.shape[:-1] != token_ids.shape:
         raise ValueError(
             f"token_ids shape {tuple(token_ids.shape)} must equal logits shape without the "
             f"vocabulary axis {tuple(logits.shape[:-1])}"
         )
-
-
-def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    logp, ent = _LogpEntropy.apply(
+        logits.reshape(-1, vocab),
+        None if token_ids is None else token_ids.reshape(-1).long(),
+        1.0 / temperature,
+        _rows_per_chunk(logits, chunk_size),
+        want_entropy,
+    )
+    return (
+        None if token_ids is None else logp.reshape(lead),
+        ent.reshape(lead) if want_entropy else None,
+    )
 
 
 def logp_and_entropy(
@@ -124,17 +140,7 @@ def logp_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`selective_log_softmax` and :func:`entropy_from_logits` of the same logits in one
     pass over them (one exponential per element instead of two); both differentiable."""
-    _check_shapes(logits, token_ids)
-    _check_temperature(temperature)
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    logp, ent = _LogpEntropy.apply(
-        logits.reshape(-1, vocab),
-        token_ids.reshape(-1).long(),
-        1.0 / temperature,
-        _rows_per_chunk(logits, chunk_size),
-        True,
-    )
-    return logp.reshape(lead), ent.reshape(lead)
+    return _reduce(logits, token_ids, temperature, chunk_size, True)
 
 
 def selective_log_softmax(
@@ -151,17 +157,7 @@ def selective_log_softmax(
     (default: as many as fit 2**24 floats, 2**22 on CPU). Differentiable with respect to
     ``logits``.
     """
-    _check_shapes(logits, token_ids)
-    _check_temperature(temperature)
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    logp, _ = _LogpEntropy.apply(
-        logits.reshape(-1, vocab),
-        token_ids.reshape(-1).long(),
-        1.0 / temperature,
-        _rows_per_chunk(logits, chunk_size),
-        False,
-    )
-    return logp.reshape(lead)
+    return _reduce(logits, token_ids, temperature, chunk_size, False)[0]
 
 
 def entropy_from_logits(
@@ -172,16 +168,7 @@ def entropy_from_logits(
     ``logits``: ``[..., V]``; returns ``[...]`` in float32, chunked like
     :func:`selective_log_softmax` and differentiable.
     """
-    _check_temperature(temperature)
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    _, ent = _LogpEntropy.apply(
-        logits.reshape(-1, vocab),
-        None,
-        1.0 / temperature,
-        _rows_per_chunk(logits, chunk_size),
-        True,
-    )
-    return ent.reshape(lead)
+    return _reduce(logits, None, temperature, chunk_size, True)[1]
 
 
 def sampled_entropy(logp: torch.Tensor) -> torch.Tensor:
