@@ -54,7 +54,7 @@ demo: install
 tiny-model: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/build_tiny_model.py --out vispo/assets/vispo-tiny
 
-# The CPU benchmark suite (issue 7; ~30 min on 2 cores): rewrites benchmarks/results/*.md.
+# The CPU benchmark suite (issue 7; ~26 min on 2 cores): rewrites benchmarks/results/*.md.
 bench: install
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py

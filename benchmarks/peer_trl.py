@@ -80,7 +80,6 @@ from vispo.algos import (  # noqa: E402
 from vispo.data import PromptSampler, get_template  # noqa: E402
 from vispo.models.adapt import enable_gradient_checkpointing  # noqa: E402
 from vispo.models.scoring import build_scoring_batch, encode_prompts, score  # noqa: E402
-from vispo.models.tiny import build_tiny_vlm  # noqa: E402
 from vispo.rewards import RewardRunner  # noqa: E402
 from vispo.rollout.hf import generate, multimodal_token_ids  # noqa: E402
 from vispo.train import batch as B  # noqa: E402
@@ -102,14 +101,6 @@ def configs(checkpointing: str) -> list[tuple[str, float, bool]]:
 
 
 # --- the workload, shared by both sides ------------------------------------------------------
-
-
-def build_model(quick: bool, seed: int):
-    """The standard ~30M-parameter model, or (``--quick``) the default tiny one (same geometry:
-    56x56 images, 4 image tokens)."""
-    if quick:
-        return build_tiny_vlm("qwen2_5_vl", seed=seed, min_pixels=56 * 56, max_pixels=56 * 56)
-    return standard_model(seed)
 
 
 def vispo_config(beta: float, out: Path, seed: int, steps: int):
@@ -266,7 +257,7 @@ def equivalence(args, out: Path) -> dict:
     from trl import GRPOTrainer
 
     seed = args.seed
-    model, processor = build_model(args.quick, seed)
+    model, processor = standard_model(seed, quick=args.quick)
     cfg = vispo_config(0.01, out / "vispo", seed, 1)
     rows = prompt_batches(cfg, processor, 1)[0]
 
@@ -460,7 +451,7 @@ def equivalence(args, out: Path) -> dict:
 def run_vispo(args, beta: float, out: Path) -> dict:
     """vispo's Trainer as in step_time.py: one warm-up step, then ``steps`` measured."""
     cfg = vispo_config(beta, out, args.seed, args.steps + 1)
-    model, processor = build_model(args.quick, args.seed)
+    model, processor = standard_model(args.seed, quick=args.quick)
     if args.ckpt:  # what model.gradient_checkpointing=true does when vispo loads the model
         enable_gradient_checkpointing(model)
     trainer = Trainer(
@@ -542,7 +533,7 @@ def run_trl(args, beta: float, out: Path) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    model, processor = build_model(args.quick, args.seed)
+    model, processor = standard_model(args.seed, quick=args.quick)
     cfg = vispo_config(beta, out / "vispo", args.seed, args.steps + 1)
     batches = prompt_batches(cfg, processor, args.steps + 1)
     dataset = Dataset.from_list([trl_row(r) for rows in batches for r in rows])
@@ -593,7 +584,7 @@ def run_trl(args, beta: float, out: Path) -> dict:
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     if args.worker == "save":  # the initial weights, for TRL's reference model
-        build_model(args.quick, args.seed)[0].save_pretrained(args.json)
+        standard_model(args.seed, quick=args.quick)[0].save_pretrained(args.json)
         return
     # Run folders and saved weights (TRL's reference model) go to a folder removed afterwards.
     with tempfile.TemporaryDirectory(prefix=f"peer-trl-{args.worker}-") as tmp:

@@ -30,7 +30,7 @@ def peer():
 
 def test_trl_gets_the_prompts_the_vispo_trainer_draws(peer, tmp_path):
     cfg = peer.vispo_config(0.01, tmp_path, seed=3, steps=2)
-    model, processor = peer.build_model(quick=True, seed=0)
+    model, processor = peer.standard_model(0, quick=True)
     trainer = Trainer(
         cfg,
         model=model,

@@ -535,7 +535,7 @@ def score(
         stack: concatenate the variants along the batch into one forward call (faster, more
             memory); False runs one forward per variant.
         chunk_size: rows per chunk of the log-softmax/entropy reductions (default: 2**24
-            floats per chunk).
+            floats per chunk, 2**22 on CPU).
         micro_batch_size: run the forward over at most this many sequences at a time
             (before stacking); None = all at once.
         autocast: run the model forward under ``torch.autocast`` to this dtype (e.g.
