@@ -33,6 +33,7 @@ from PIL import Image
 
 from vispo.algos import logp_and_entropy, selective_log_softmax
 from vispo.models.layout import PixelLayout, concat_pixels, index_pixels, layout_for
+from vispo.models.prefix import shared_prefix_logits
 
 PixelDict = dict[str, torch.Tensor]
 
@@ -508,6 +509,19 @@ def _response_logits(
     return logits
 
 
+def _logits(model, batch, variants, stack: bool, autocast, shared_prefix: bool):
+    if not shared_prefix:
+        return _response_logits(model, batch, variants, stack=stack, autocast=autocast)
+    groups = [list(variants)] if stack else [[v] for v in variants]
+    return [
+        logits
+        for group in groups
+        for logits in shared_prefix_logits(
+            model, batch, group, precision=lambda device: forward_precision(device, autocast)
+        )
+    ]
+
+
 def score(
     model: torch.nn.Module,
     batch: ScoringBatch,
@@ -520,6 +534,7 @@ def score(
     chunk_size: int | None = None,
     micro_batch_size: int | None = None,
     autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> list[Scores]:
     """Teacher-forced per-token log-probs (and entropies) of the responses, per image variant.
 
@@ -540,6 +555,9 @@ def score(
             (before stacking); None = all at once.
         autocast: run the model forward under ``torch.autocast`` to this dtype (e.g.
             ``torch.bfloat16`` on GPU); None = the parameters' own dtype.
+        shared_prefix: run each distinct prompt (image included) once per variant and the
+            responses against its KV cache (:mod:`vispo.models.prefix`) instead of repeating
+            the prompt for every sequence. Same scores up to float rounding.
 
     Returns:
         One :class:`Scores` per variant, in order; masked positions hold 0.
@@ -569,7 +587,7 @@ def score(
             sub = batch if stop - start == len(batch) else batch.select(range(start, stop))
             mask = sub.response_mask.to(_model_device(model)).bool()
             targets = sub.response_ids.to(mask.device)
-            logits = _response_logits(model, sub, resolved, stack=stack, autocast=autocast)
+            logits = _logits(model, sub, resolved, stack, autocast, shared_prefix)
             for k, variant_logits in enumerate(logits):
                 kw = dict(temperature=temperature, chunk_size=chunk_size)
                 if flags[k]:
