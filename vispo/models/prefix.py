@@ -39,7 +39,7 @@ def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
     """The forward's name for the KV cache: ``cache`` (transformers >= 5.25) or the older
     ``past_key_values``."""
     inner = getattr(model, "module", model)  # DDP
@@ -49,6 +49,13 @@ def _cache_argument(model: torch.nn.Module) -> str:
         if "cache" in inspect.signature(type(inner).forward).parameters
         else ("past_key_values")
     )
+
+
+def output_cache(out):
+    """The KV cache a forward with ``use_cache=True`` returned (``cache``, formerly
+    ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _rope_index_fn(model: torch.nn.Module):
@@ -63,25 +70,29 @@ def _rope_index_fn(model: torch.nn.Module):
     )
 
 
-def _positions(model, prompts, full_mask: torch.Tensor, prompt_of_row: torch.Tensor, Lp: int):
-    """Position ids of the prompts ``[.., P, Lp]`` and of the response part ``[.., b, T]``.
+def prompt_positions(model, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of left-padded prompts and each prompt's text offset.
 
-    Text after the last image advances by one per real token; the offset of a sequence over
-    its plain token count is its prompt's (``rope_deltas`` for M-RoPE, 0 otherwise).
+    Returns ``(positions, offsets)``: ``[P, Lp]`` (or ``[3, P, Lp]`` for M-RoPE models) and
+    ``[P]``. A text token after the prompt, the ``j``-th real token of its sequence (from 0),
+    sits at position ``j + offset`` on every axis (:func:`text_positions`).
     """
-    text = full_mask.long().cumsum(-1) - 1
-    text = text.masked_fill(full_mask == 0, 0)[:, Lp:]
+    mask = prompts.attention_mask.long()
     if not prompts.layout.model_positions:
-        mask = prompts.attention_mask.long()
-        prompt_pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        return prompt_pos, text
+        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0), mask.new_zeros(len(mask))
     fn = _rope_index_fn(model)
     kwargs = {"attention_mask": prompts.attention_mask, **prompts.token_inputs, **prompts.pixels}
     accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    prompt_pos, deltas = fn(prompts.input_ids, **kwargs)
-    response_pos = text + deltas.reshape(-1, 1)[prompt_of_row].to(text.device)
-    return prompt_pos, response_pos.unsqueeze(0).expand(prompt_pos.shape[0], -1, -1)
+    positions, deltas = fn(prompts.input_ids, **kwargs)
+    return positions, deltas.reshape(-1).long()
+
+
+def text_positions(index: torch.Tensor, offsets: torch.Tensor, *, mrope: bool) -> torch.Tensor:
+    """Positions of text tokens that are real token number ``index [b, t]`` of their sequence,
+    given each row's offset ``[b]``: ``[b, t]``, or ``[3, b, t]`` for M-RoPE."""
+    positions = index + offsets.to(index.device)[:, None]
+    return positions.unsqueeze(0).expand(3, -1, -1) if mrope else positions
 
 
 def shared_prefix_logits(
@@ -106,7 +117,10 @@ def shared_prefix_logits(
     uniq, inverse = torch.unique(batch.prompt_index, return_inverse=True)
     prompts = batch.prompts.select(uniq)
     nv, P = len(variants), len(uniq)
-    prompt_pos, response_pos = _positions(model, prompts, batch.attention_mask, inverse, Lp)
+    prompt_pos, offsets = prompt_positions(model, prompts)
+    real = batch.attention_mask.long()
+    index = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)[:, Lp:]
+    response_pos = text_positions(index, offsets[inverse], mrope=layout.model_positions)
 
     # 1. The distinct prompts, every variant stacked along the batch.
     pixels = concat_pixels(
@@ -129,7 +143,7 @@ def shared_prefix_logits(
         return list(first.chunk(nv, dim=0))
 
     # 2. Each sequence takes its prompt's keys and values.
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = output_cache(out)
     cache.reorder_cache(rows)
 
     # 3. The responses against the cache; positions 0 .. T-2 predict tokens 1 .. T-1.
@@ -144,7 +158,7 @@ def shared_prefix_logits(
     with precision(device):
         rest = model(
             **response,
-            **{_cache_argument(model): cache},
+            **{cache_argument(model): cache},
             cache_position=torch.arange(Lp, Lp + T, device=device),
             use_cache=True,
             logits_to_keep=keep,

@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from vispo.models.scoring import PromptBatch, forward_precision, response_mask_from_ids
+from vispo.rollout.decode import sample_shared_prefix
 
 
 @dataclasses.dataclass
@@ -182,6 +183,7 @@ def generate(
     do_sample: bool = True,
     eos_token_ids: Sequence[int] | None = None,
     autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> Rollout:
     """Sample `n` responses per prompt with one batched ``model.generate`` call.
 
@@ -198,6 +200,9 @@ def generate(
         do_sample: False = greedy decoding (the n responses of a prompt are then identical).
         eos_token_ids: stop tokens (default: :func:`stop_token_ids`).
         autocast: generate under ``torch.autocast`` to this dtype (None: the parameters').
+        shared_prefix: prefill each prompt once and decode its n responses from one KV cache
+            (:mod:`vispo.rollout.decode`) instead of ``generate``'s n prefills: the same
+            distribution, processed identically.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -244,10 +249,27 @@ def generate(
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         rng = torch.random.fork_rng(devices=devices)
     precision = forward_precision(device, autocast)
-    with rng, _only_generation_config(model, config), torch.no_grad(), precision:
+    with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        sequences = model.generate(**inputs, generation_config=config)
+        if shared_prefix:
+            sequences = sample_shared_prefix(
+                model,
+                prompts,
+                n=config.num_return_sequences,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                min_new_tokens=min_new_tokens,
+                do_sample=do_sample,
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                banned_token_ids=config.suppress_tokens or [],
+                precision=lambda device: forward_precision(device, autocast),
+            )
+        else:
+            with _only_generation_config(model, config), torch.no_grad(), precision:
+                sequences = model.generate(**inputs, generation_config=config)
     if not do_sample:
         sequences = sequences.repeat_interleave(n, dim=0)
     return finish_responses(
