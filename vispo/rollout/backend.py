@@ -52,12 +52,26 @@ class RolloutBackend(Protocol):
 class HFBackend:
     """Hugging Face ``generate`` on the policy module (left-padded batches, KV cache)."""
 
-    def __init__(self, model: torch.nn.Module, processor, *, autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor,
+        *,
+        autocast: torch.dtype | None = None,
+        shared_prefix: bool = False,
+    ):
         self.model, self.processor, self.autocast = model, processor, autocast
+        self.shared_prefix = shared_prefix
 
     def generate(self, prompts: PromptBatch, *, seed: int | None = None, **sampling) -> Rollout:
         return generate(
-            self.model, self.processor, prompts, seed=seed, autocast=self.autocast, **sampling
+            self.model,
+            self.processor,
+            prompts,
+            seed=seed,
+            autocast=self.autocast,
+            shared_prefix=self.shared_prefix,
+            **sampling,
         )
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -65,12 +79,18 @@ class HFBackend:
 
 
 def load_backend(
-    spec: str, model: torch.nn.Module, processor, *, autocast: torch.dtype | None = None
+    spec: str,
+    model: torch.nn.Module,
+    processor,
+    *,
+    autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> RolloutBackend:
-    """The backend named by ``rollout.backend``: ``"hf"``, or ``"module.path:Factory"`` where
+    """The backend named by ``rollout.backend``: ``"hf"`` (prefilling each prompt once per group
+    when ``shared_prefix``), or ``"module.path:Factory"`` where
     ``Factory(model, processor, autocast=...)`` returns an object with the interface above."""
     if spec == "hf":
-        return HFBackend(model, processor, autocast=autocast)
+        return HFBackend(model, processor, autocast=autocast, shared_prefix=shared_prefix)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"rollout.backend must be 'hf' or 'module.path:Factory', got {spec!r}")

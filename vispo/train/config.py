@@ -158,6 +158,16 @@ class TrainConfig:
         "parameters' dtype) or 'bf16' (torch.autocast to bfloat16 over float32 weights; the "
         "usual choice on GPUs). Log-probs and entropies are reduced in float32 either way.",
     )
+    shared_prefix: str = _f(
+        "auto",
+        "Compute each prompt, image included, once per group instead of once per response: "
+        "generation prefills it once and repeats its KV cache for the group's rollouts; every "
+        "scoring and update forward runs the distinct prompts once and the responses against "
+        "their keys and values (gradients of all of a prompt's responses flow back into it "
+        "once). Same samples, log-probs and gradients as 'off' up to float rounding (tested). "
+        "'auto': on, except with activation checkpointing or a sharded strategy (fsdp2, "
+        "zero2, zero3), which fall back to 'off' with a logged reason; 'on': those are errors.",
+    )
     strategy: str = _f(
         "auto",
         "Data parallelism under torchrun / accelerate launch: 'ddp' (replicated weights), "
@@ -245,6 +255,15 @@ class Config:
         need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
         need(t.device in ("auto", "cuda", "cpu"), "train.device", "must be auto, cuda or cpu")
         need(t.autocast in ("none", "bf16"), "train.autocast", "must be none or bf16")
+        # YAML reads a bare on/off as a boolean.
+        t.shared_prefix = {"true": "on", "false": "off"}.get(
+            t.shared_prefix.lower(), t.shared_prefix
+        )
+        need(
+            t.shared_prefix in ("auto", "on", "off"),
+            "train.shared_prefix",
+            f"must be auto, on or off, got {t.shared_prefix!r}",
+        )
         need(
             t.strategy in ("auto", "ddp", "fsdp2", "zero2", "zero3"),
             "train.strategy",

@@ -21,6 +21,7 @@ import torch
 
 from vispo.algos import overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
+from vispo.models.prefix import shared_prefix_unsupported
 from vispo.models.scoring import encode_prompts
 from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
@@ -82,8 +83,13 @@ class Trainer:
         self.strategy = resolve_strategy(cfg.train.strategy)
         self.train_model = wrap_model(model, self.strategy, self.dist)
         self.model = unwrap(self.train_model)
+        self.shared_prefix = self._shared_prefix(cfg.train.shared_prefix)
         self.rollout_backend = load_backend(
-            cfg.rollout.backend, self.model, self.processor, autocast=self.autocast
+            cfg.rollout.backend,
+            self.model,
+            self.processor,
+            autocast=self.autocast,
+            shared_prefix=self.shared_prefix,
         )
         self.template = get_template(cfg.data.template)
         self.train_data = (
@@ -163,6 +169,21 @@ class Trainer:
             p.requires_grad_(False)
         return ref, contextlib.nullcontext
 
+    def _shared_prefix(self, setting: str) -> bool:
+        """Whether prompts run once per group (``train.shared_prefix``), with the reason when
+        ``auto`` falls back."""
+        if setting == "off":
+            return False
+        reason = shared_prefix_unsupported(self.model)
+        if reason is None and self.strategy in ("fsdp2", "zero2", "zero3"):
+            reason = f"not verified under train.strategy={self.strategy}"
+        if reason is None:
+            return True
+        if setting == "on":
+            raise ConfigError(f"train.shared_prefix=on is not possible here: {reason}")
+        self.log(f"shared prefix off: {reason}")
+        return False
+
     def log(self, message: str) -> None:
         if not self.dist.main:
             return
@@ -200,6 +221,7 @@ class Trainer:
             stack=cfg.train.stack_variants,
             ref_context=self.ref_context,
             autocast=self.autocast,
+            shared_prefix=self.shared_prefix,
         )
         self.dist.synchronize()  # the scoring passes run asynchronously on a GPU
         t2 = time.perf_counter()
@@ -345,6 +367,7 @@ class Trainer:
             progress=self.step_count / cfg.train.steps,
             gamma_scale=self.guard.gamma_scale,
             autocast=self.autocast,
+            shared_prefix=self.shared_prefix,
         )
 
     # --- the loop ------------------------------------------------------------------------

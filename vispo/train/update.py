@@ -44,6 +44,7 @@ def score_fixed(
     stack: bool,
     ref_context=contextlib.nullcontext,
     autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
@@ -62,6 +63,7 @@ def score_fixed(
             stack=stack,
             micro_batch_size=micro_batch,
             autocast=autocast,
+            shared_prefix=shared_prefix,
         )
         model.train(was_training)
         if not on_policy:
@@ -81,6 +83,7 @@ def score_fixed(
                 grad=False,
                 micro_batch_size=micro_batch,
                 autocast=autocast,
+                shared_prefix=shared_prefix,
             )[0].logp
     return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy)
 
@@ -148,6 +151,7 @@ def ppo_update(
     progress: float,
     gamma_scale: float,
     autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> dict[str, float]:
     """Run the PPO epochs over one step's batch; returns averaged metrics."""
     batch, adv = step.batch, step.advantages
@@ -190,6 +194,7 @@ def ppo_update(
                     temperature=temperature,
                     stack=stack,
                     autocast=autocast,
+                    shared_prefix=shared_prefix,
                 )
                 loss, metrics = compute_objective(
                     ocfg,
@@ -295,11 +300,18 @@ def _forward(
     temperature: float,
     stack: bool,
     autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> ObjectiveInputs:
     """Forward passes with gradient for one micro-batch -> the objective's inputs."""
     passes = [None] + [variants[name] for name in grad_variants]
     flags = ["orig" in req.entropy] + [name in req.entropy for name in grad_variants]
-    kw = dict(temperature=temperature, grad=True, stack=stack, autocast=autocast)
+    kw = dict(
+        temperature=temperature,
+        grad=True,
+        stack=stack,
+        autocast=autocast,
+        shared_prefix=shared_prefix,
+    )
     out = score(model, sub, passes, entropy=flags, **kw)
     orig = out[0]
     by_name = dict(zip(grad_variants, out[1:]))

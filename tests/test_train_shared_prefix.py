@@ -1,0 +1,70 @@
+"""``train.shared_prefix``: a training step with each prompt computed once per group equals the
+step that repeats it for every response (every preset, same rollouts, same metrics)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vispo.rewards import RewardRunner
+from vispo.train.config import ConfigError, load_config
+from vispo.train.trainer import Trainer
+
+PRESETS = ["grpo", "dapo", "dr_grpo", "papo_g", "papo_d", "cppo"]
+TIMING = ("time/", "throughput/")
+
+
+def parity_reward(completions, answers, **columns):
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def _trainer(tmp_path, preset, shared, *extra):
+    cfg = load_config(
+        None,
+        [
+            f"objective.name={preset}",
+            "model.name_or_path=tiny:qwen2_5_vl",
+            "data.limit=24",
+            "data.eval_size=0",
+            "train.steps=1",
+            "train.prompts_per_step=2",
+            "rollout.n=3",
+            "rollout.max_new_tokens=6",
+            f"train.out_dir={tmp_path / f'{preset}-{shared}'}",
+            "logging.progress=false",
+            "optim.lr=1e-3",
+            "train.samples_every=0",
+            "train.save_every=0",
+            f"train.shared_prefix={shared}",
+            *extra,
+        ],
+    )
+    return Trainer(cfg, reward_fn=RewardRunner(parity_reward, num_workers=0))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_step_with_the_shared_prefix_equals_the_plain_step(tmp_path, preset):
+    runs = {}
+    for shared in ("off", "on"):
+        trainer = _trainer(tmp_path, preset, shared)
+        assert trainer.shared_prefix == (shared == "on")
+        metrics = trainer.step()
+        step = trainer._last_step
+        runs[shared] = (metrics, step.batch.response_ids, dict(trainer.model.named_parameters()))
+    (m_off, ids_off, w_off), (m_on, ids_on, w_on) = runs["off"], runs["on"]
+    assert torch.equal(ids_on, ids_off)  # the same samples from the same seed
+    assert m_on.keys() == m_off.keys()
+    for key, value in m_off.items():
+        if not key.startswith(TIMING):
+            assert m_on[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # One Adam step from the same start: the updates agree (Adam's first step is lr * g/|g|,
+    # so parameters whose gradient is float noise may move differently: compare the bulk).
+    moved = [(w_on[n] - w_off[n]).abs().max().item() for n in w_off if w_off[n].requires_grad]
+    assert sorted(moved)[len(moved) // 2] < 1e-6
+
+
+def test_shared_prefix_falls_back_with_activation_checkpointing(tmp_path):
+    extra = ("model.gradient_checkpointing=true",)
+    assert _trainer(tmp_path, "grpo", "auto", *extra).shared_prefix is False
+    with pytest.raises(ConfigError, match="checkpointing"):
+        _trainer(tmp_path, "grpo", "on", *extra)
