@@ -59,17 +59,42 @@ def default_config_path() -> Path:
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo export",
-        description="Write a run's latest checkpoint as a Hugging Face model folder "
-        "(safetensors + processor + chat template), loadable with from_pretrained.",
+        description="Write a run's checkpoint (latest by default) as a Hugging Face model folder "
+        "that plain transformers loads (AutoProcessor + AutoModelForImageTextToText, no vispo, "
+        "no torchvision): safetensors, processor, chat template, generation config (greedy, "
+        "the run's length cap) and a model card README.md.",
     )
-    parser.add_argument("run_dir")
-    parser.add_argument("out_dir")
+    parser.add_argument("run_dir", help="the vispo run folder")
+    parser.add_argument("out_dir", help="the folder to write")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA runs: write only the adapter, in PEFT format (PeftModel.from_pretrained)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the folder to the Hugging Face Hub repository owner/name",
+    )
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     args = parser.parse_args(argv)
-    from vispo.train.export import export_run
+    from vispo.train.checkpoint import CheckpointError
+    from vispo.train.config import ConfigError
+    from vispo.train.export import ExportError, export_run, push_to_hub
 
-    path = export_run(args.run_dir, args.out_dir, step=args.step)
-    print(f"exported to {path}")
+    try:
+        result = export_run(
+            args.run_dir, args.out_dir, step=args.step, adapter_only=args.adapter_only
+        )
+        what = "adapter (PEFT)" if result.adapter_only else "model"
+        print(f"exported the {what} of step {result.step} ({result.checkpoint}) to {result.path}")
+        if args.push_to_hub:
+            url = push_to_hub(result.path, args.push_to_hub, private=args.private)
+            print(f"uploaded to {url}")
+    except (FileNotFoundError, CheckpointError, ConfigError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -400,11 +400,14 @@ def push_to_hub(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=commit_message or f"vispo export of {folder.name}",
-    )
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message or f"vispo export of {folder.name}",
+        )
+    except OSError as e:  # huggingface_hub's HTTP and connection errors are OSErrors
+        raise ExportError(f"upload to {repo_id} failed: {e}") from None
     return f"https://huggingface.co/{repo_id}"
