@@ -98,12 +98,16 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+DEFAULT_BENCHMARKS = "easy-vqa,easy-vqa-vd"
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``vispo eval`` and ``vispo probe``."""
     parser.add_argument(
         "--benchmarks",
-        default="easy-vqa,easy-vqa-vd",
-        help="comma-separated benchmark names (vispo eval --list shows them)",
+        default=None,
+        help="comma-separated benchmark names (vispo eval --list shows them); default: "
+        f"{DEFAULT_BENCHMARKS}",
     )
     parser.add_argument(
         "--data-root", help="folder of local benchmark files (docs/evaluation.md: layout)"
@@ -129,10 +133,20 @@ def _eval(argv: list[str]) -> int:
         prog="vispo eval",
         description="avg@k and greedy accuracy of models on benchmarks (resumable). MODEL is a "
         "vispo run folder (its latest checkpoint), a Hugging Face model folder, "
-        "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table.",
+        "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table. "
+        "Without --data or --benchmarks, a run folder is evaluated on its own held-out set "
+        f"(the one training scored) and other models on {DEFAULT_BENCHMARKS}.",
     )
     parser.add_argument("models", nargs="*", metavar="MODEL")
     _add_model_options(parser)
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="evaluate on a data file or folder, any layout training accepts (docs/data.md); "
+        "repeatable",
+    )
+    parser.add_argument("--data-split", default="test", help="split of --data where it has several")
     parser.add_argument("--k", type=int, default=8, help="samples per question (0: greedy only)")
     parser.add_argument("--temperature", type=float, default=1.0, help="avg@k temperature")
     parser.add_argument("--top-p", type=float, default=1.0, help="avg@k nucleus mass")
@@ -154,14 +168,17 @@ def _eval(argv: list[str]) -> int:
         BenchmarkError,
         EvalSettings,
         ModelSpecError,
+        data_file_benchmark,
         describe_benchmarks,
         evaluate_model,
+        held_out_benchmark,
         load_model_spec,
         load_result,
         parse_benchmarks,
         unique_labels,
         write_comparison,
     )
+    from vispo.train.checkpoint import CheckpointError
 
     if args.list:
         print("Benchmarks (group, description):\n" + describe_benchmarks())
@@ -188,10 +205,20 @@ def _eval(argv: list[str]) -> int:
             limit=args.limit,
             keep_responses=not args.no_responses,
         ).validate()
-        benchmarks = parse_benchmarks(args.benchmarks, args.data_root)
+        named = []
+        if args.benchmarks:
+            named += parse_benchmarks(args.benchmarks, args.data_root)
+        for path in args.data or []:
+            named.append(data_file_benchmark(path, split=args.data_split))
         results = []
         for spec in args.models:
             loaded = load_model_spec(spec, step=args.step)
+            if named:
+                benchmarks = named
+            elif loaded.config is not None:  # a run: its own held-out set
+                benchmarks = [held_out_benchmark(loaded.config)]
+            else:
+                benchmarks = parse_benchmarks(DEFAULT_BENCHMARKS, args.data_root)
             out = _output_dir(args.out, loaded, len(args.models), "eval", "evals")
             result = evaluate_model(
                 loaded,
@@ -206,7 +233,7 @@ def _eval(argv: list[str]) -> int:
             print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
             results.append(result)
             del loaded
-    except (BenchmarkError, ModelSpecError, FileNotFoundError, ValueError) as e:
+    except (BenchmarkError, ModelSpecError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"vispo eval: {e}", file=sys.stderr)
         return 2
     if len(results) > 1:
@@ -292,7 +319,7 @@ def _probe(argv: list[str]) -> int:
             template=args.template,
             reward=args.reward,
         ).validate()
-        benchmarks = parse_benchmarks(args.benchmarks, args.data_root)
+        benchmarks = parse_benchmarks(args.benchmarks or DEFAULT_BENCHMARKS, args.data_root)
         out = _output_dir(args.out, loaded, 1, "probe", "probes")
         probe_model(
             loaded,
