@@ -288,7 +288,28 @@ def test_lora_adapter_only_loads_with_peft_on_the_base_model(tmp_path, capsys):
     assert (a - c).abs().max() > 1e-4  # the adapter changes the model
     del processor
 
+    # A LoRA checkpoint that stores only the trainable weights exports the same model: the
+    # frozen base weights come from the rebuilt base model.
+    from safetensors.torch import save_file
+
+    ckpt = merged.checkpoint / "weights.safetensors"
+    stored = load_file(str(ckpt))
+    lora_only = {k: v for k, v in stored.items() if "lora_" in k}
+    assert 0 < len(lora_only) < len(stored)
+    save_file(lora_only, str(ckpt))
+    again = export_run(cfg.train.out_dir, tmp_path / "merged-again")
+    w_full = load_file(str(merged.path / "model.safetensors"))
+    w_again = load_file(str(again.path / "model.safetensors"))
+    assert sorted(w_full) == sorted(w_again)
+    assert all(torch.equal(w_full[k], w_again[k]) for k in w_full)
+    # ...but a full-weights run whose checkpoint lacks weights is an error, not a silent load.
     full_run = _train(tmp_path / "full", "tiny:qwen2_vl")
+    full_ckpt = tmp_path / "full" / "tiny-qwen2_vl" / "checkpoints" / "step-000002"
+    partial = load_file(str(full_ckpt / "weights.safetensors"))
+    save_file(dict(list(partial.items())[1:]), str(full_ckpt / "weights.safetensors"))
+    assert main(["export", full_run.train.out_dir, str(tmp_path / "p")]) == 2
+    assert "weights do not match the run's model (missing" in capsys.readouterr().err
+    save_file(partial, str(full_ckpt / "weights.safetensors"))
     assert main(["export", full_run.train.out_dir, str(tmp_path / "a2"), "--adapter-only"]) == 2
     assert "needs a LoRA run (model.lora=true)" in capsys.readouterr().err
 

@@ -171,7 +171,7 @@ def save_portable_processor(processor: ProcessorMixin, out_dir: str | os.PathLik
 
     Works without torchvision and without importing vispo (module docstring). For vispo's
     image-only Qwen-VL processors the folder names transformers' ``PaddleOCRVLProcessor`` and
-    the tokenizer records its image token (``extra_special_tokens``); other processors (e.g.
+    the tokenizer records its image token (``image_token`` in ``tokenizer_config.json``); other processors (e.g.
     Idefics3/SmolVLM) are saved as they are. Returns the processor class name recorded.
     """
     out = os.fspath(out_dir)
@@ -185,14 +185,9 @@ def save_portable_processor(processor: ProcessorMixin, out_dir: str | os.PathLik
 
     def tokenizer_config(tree: dict) -> None:
         tree["processor_class"] = PORTABLE_QWEN_PROCESSOR
-        extra = tree.get("extra_special_tokens") or {}
-        if not isinstance(extra, dict):
-            raise ValueError(
-                "the tokenizer's extra_special_tokens is a list, not a name -> token mapping; "
-                "cannot record its image_token for a portable processor"
-            )
-        extra["image_token"] = image_token
-        tree["extra_special_tokens"] = extra
+        # A top-level ``*_token`` key becomes a named special token (``tokenizer.image_token``,
+        # ``tokenizer.image_token_id``), which PaddleOCRVLProcessor reads.
+        tree["image_token"] = image_token
 
     _rewrite_json(os.path.join(out, "processor_config.json"), processor_config)
     _rewrite_json(os.path.join(out, "tokenizer_config.json"), tokenizer_config)
