@@ -367,3 +367,25 @@ def test_push_to_hub_up_to_the_upload_call(runs, tmp_path, monkeypatch, capsys):
     assert main(["export", cfg.train.out_dir, str(tmp_path / "h2"), "--push-to-hub", "bad"]) == 2
     assert "error: --push-to-hub: 'bad' is not a repository id" in capsys.readouterr().err
     assert FakeApi.calls == []
+
+
+def test_model_card_reads_the_final_evaluation_from_the_metrics(tmp_path):
+    """With save_every=1 the last checkpoint is written before the final held-out evaluation:
+    the card takes that value from metrics.jsonl; an earlier step's card has no 'after'."""
+    from vispo.train.export import export_run
+
+    cfg = _train(tmp_path, "tiny:qwen2_vl", "train.save_every=1")
+    logged = [
+        json.loads(x)
+        for x in (tmp_path / "tiny-qwen2_vl" / "metrics.jsonl").read_text().splitlines()
+    ]
+    final = [r for r in logged if "eval/accuracy_after" in r]
+    assert len(final) == 1 and final[0]["step"] == 2
+    last = export_run(cfg.train.out_dir, tmp_path / "e2")
+    state = json.loads((last.checkpoint / "state.json").read_text())
+    assert "accuracy_after" not in state["eval"]
+    card = (last.path / "README.md").read_text()
+    assert f"after RL, step 2 (greedy) | {final[0]['eval/accuracy_after']:.3f}" in card
+    assert "Held-out set: at most 3 questions of `easy-vqa` split `test`" in card
+    first = (export_run(cfg.train.out_dir, tmp_path / "e1", step=1).path / "README.md").read_text()
+    assert "held-out accuracy before RL (greedy)" in first and "after RL" not in first

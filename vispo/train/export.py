@@ -208,26 +208,33 @@ def _held_out_results(run_dir: Path, ckpt: Path) -> list[tuple[str, str]]:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, json.JSONDecodeError):
         state = {}
-    ev = state.get("eval") or {}
+    ev = dict(state.get("eval") or {})
+    points = []  # (step, accuracy) of the periodic held-out evaluations up to this step
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
+            if "eval/accuracy_before" in rec:
+                ev.setdefault("accuracy_before", rec["eval/accuracy_before"])
+            # The final evaluation is logged after the last checkpoint may have been written.
+            if "eval/accuracy_after" in rec and rec["step"] == step:
+                ev.setdefault("accuracy_after", rec["eval/accuracy_after"])
+            if "eval/accuracy" in rec and rec["step"] <= step:
+                points.append((rec["step"], rec["eval/accuracy"]))
     if "accuracy_before" in ev:
         rows.append(("held-out accuracy before RL (greedy)", f"{ev['accuracy_before']:.3f}"))
     if "accuracy_after" in ev:
         rows.append(
             (f"held-out accuracy after RL, step {step} (greedy)", f"{ev['accuracy_after']:.3f}")
         )
-    metrics = run_dir / "metrics.jsonl"
-    if "accuracy_after" not in ev and metrics.is_file():
-        points = []
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "eval/accuracy" in rec and rec.get("step", 0) <= step:
-                points.append((rec["step"], rec["eval/accuracy"]))
-        if points:
-            s, acc = points[-1]
-            rows.append((f"held-out accuracy at step {s} (greedy)", f"{acc:.3f}"))
+    elif points:
+        s, acc = points[-1]
+        rows.append((f"held-out accuracy at step {s} (greedy)", f"{acc:.3f}"))
     summary = run_dir / "eval" / "eval.json"
     if summary.is_file():
         try:
@@ -244,6 +251,25 @@ def _held_out_results(run_dir: Path, ckpt: Path) -> list[tuple[str, str]]:
                             (f"vispo eval: {bench}, {n} questions ({mode})", f"{score:.3f}")
                         )
     return rows
+
+
+def _held_out_set(cfg: Config) -> str:
+    """Which questions the trainer's held-out accuracy is on (docs/data.md)."""
+    from vispo.data import BUILTIN_DATASETS
+
+    d = cfg.data
+    if d.eval_size <= 0:
+        return "The run had no held-out evaluation (data.eval_size=0)."
+    if getattr(d, "eval_name", None):
+        where = f"`{d.eval_name}` (split `{d.eval_split}`)"
+    elif d.name in BUILTIN_DATASETS:
+        where = f"`{d.name}` split `{d.eval_split}`"
+    else:
+        where = (
+            f"`{d.name}` split `{d.eval_split}`, or, where it has none apart from the training "
+            "rows, a fixed-seed slice of the training rows held out of training"
+        )
+    return f"Held-out set: at most {d.eval_size} questions of {where}; greedy decoding."
 
 
 def model_card(run_dir: Path, cfg: Config, ckpt: Path, *, adapter_only: bool = False) -> str:
@@ -307,7 +333,7 @@ def model_card(run_dir: Path, cfg: Config, ckpt: Path, *, adapter_only: bool = F
     ]
     lines += [f"| `{k}` | `{v}` |" for k, v in objective.items()]
     results = _held_out_results(run_dir, ckpt)
-    lines += ["", "## Held-out results", ""]
+    lines += ["", "## Held-out results", "", _held_out_set(cfg), ""]
     if results:
         lines += ["| | accuracy |", "|---|---|"] + [f"| {a} | {b} |" for a, b in results]
     else:
