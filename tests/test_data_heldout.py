@@ -77,6 +77,12 @@ def test_named_splits_and_eval_name_are_used_as_they_are(tmp_path):
     held, keep = held_out(_dcfg(f"data.name={split_json}"))
     assert keep is None and sorted(s.answer for s in held) == ["6", "7", "8"]
     assert held.description == f"3 questions of {split_json} split test"
+    # A test split sharing a row with the training split is still used, and the overlap said.
+    leaky = tmp_path / "leaky.json"
+    leaky.write_text(json.dumps({"train": _rows(paths[:6]), "test": _rows(paths[5:], 5)}))
+    held, keep = held_out(_dcfg(f"data.name={leaky}"))
+    assert keep is None and len(held) == 4
+    assert held.description.endswith("(1 of them also in the training split)")
 
     import datasets
 

@@ -116,6 +116,25 @@ def sample_key(sample) -> tuple:
     return (sample.question, sample.answer, tuple(_image_key(i) for i in sample.images))
 
 
+def _membership(train):
+    """``is_in(sample)``: whether a sample with the same :func:`sample_key` is in ``train``.
+    Images are hashed only for training rows whose question and answer match one asked about."""
+    by_text: dict[tuple, list] = {}
+    for s in train:
+        by_text.setdefault((s.question, s.answer), []).append(s)
+    cache: dict[tuple, set] = {}
+
+    def is_in(sample) -> bool:
+        text = (sample.question, sample.answer)
+        if text not in by_text:
+            return False
+        if text not in cache:
+            cache[text] = {sample_key(s) for s in by_text[text]}
+        return sample_key(sample) in cache[text]
+
+    return is_in
+
+
 def held_out_slice(n_rows: int, eval_size: int) -> tuple[list[int], list[int]]:
     """``(held, keep)`` row indices: ``min(eval_size, HELD_OUT_FRACTION * n_rows)`` rows drawn
     with :data:`HELD_OUT_SEED`, in row order, and the rest."""
@@ -158,15 +177,15 @@ def held_out(dcfg, train=None):
         return data, None
     if train is None:
         train = load_split(dcfg, dcfg.split, dcfg.limit)
-    train_keys = {sample_key(s) for s in train}
+    in_train = _membership(train)
     reason = f"{dcfg.name} has no split {dcfg.eval_split!r} apart from its training rows"
     try:
         named = load_split(dcfg, dcfg.eval_split, dcfg.eval_size)
     except DataError as e:
         named, reason = None, f"{e}"
-    if named is not None and len(named) and not all(sample_key(s) in train_keys for s in named):
+    shared = sum(in_train(s) for s in named) if named is not None else 0
+    if named is not None and len(named) and shared < len(named):
         named.description = f"{len(named)} questions of {dcfg.name} split {dcfg.eval_split}"
-        shared = sum(sample_key(s) in train_keys for s in named)
         if shared:
             named.description += f" ({shared} of them also in the training split)"
         return named, None
