@@ -199,7 +199,7 @@ def test_export_loads_with_from_pretrained_and_matches(tmp_path):
     cfg = _cfg(tmp_path, "grpo", "train.steps=1")
     trainer = _trainer(cfg)
     trainer.train()
-    out = export_run(cfg.train.out_dir, tmp_path / "export")
+    out = export_run(cfg.train.out_dir, tmp_path / "export").path
     hf = AutoModelForImageTextToText.from_pretrained(out).eval()
     policy, _ = load_policy(str(out))
     batch = trainer._last_step.batch

@@ -59,26 +59,55 @@ def default_config_path() -> Path:
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo export",
-        description="Write a run's latest checkpoint as a Hugging Face model folder "
-        "(safetensors + processor + chat template), loadable with from_pretrained.",
+        description="Write a run's checkpoint (latest by default) as a Hugging Face model folder "
+        "that plain transformers loads (AutoProcessor + AutoModelForImageTextToText, no vispo, "
+        "no torchvision): safetensors, processor, chat template, generation config (greedy, "
+        "the run's length cap) and a model card README.md.",
     )
-    parser.add_argument("run_dir")
-    parser.add_argument("out_dir")
+    parser.add_argument("run_dir", help="the vispo run folder")
+    parser.add_argument("out_dir", help="the folder to write")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA runs: write only the adapter, in PEFT format (PeftModel.from_pretrained)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the folder to the Hugging Face Hub repository owner/name",
+    )
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     args = parser.parse_args(argv)
-    from vispo.train.export import export_run
+    from vispo.train.checkpoint import CheckpointError
+    from vispo.train.config import ConfigError
+    from vispo.train.export import ExportError, export_run, push_to_hub
 
-    path = export_run(args.run_dir, args.out_dir, step=args.step)
-    print(f"exported to {path}")
+    try:
+        result = export_run(
+            args.run_dir, args.out_dir, step=args.step, adapter_only=args.adapter_only
+        )
+        what = "adapter (PEFT)" if result.adapter_only else "model"
+        print(f"exported the {what} of step {result.step} ({result.checkpoint}) to {result.path}")
+        if args.push_to_hub:
+            url = push_to_hub(result.path, args.push_to_hub, private=args.private)
+            print(f"uploaded to {url}")
+    except (FileNotFoundError, CheckpointError, ConfigError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+DEFAULT_BENCHMARKS = "easy-vqa,easy-vqa-vd"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``vispo eval`` and ``vispo probe``."""
     parser.add_argument(
         "--benchmarks",
-        default="easy-vqa,easy-vqa-vd",
-        help="comma-separated benchmark names (vispo eval --list shows them)",
+        default=None,
+        help="comma-separated benchmark names (vispo eval --list shows them); default: "
+        f"{DEFAULT_BENCHMARKS}",
     )
     parser.add_argument(
         "--data-root", help="folder of local benchmark files (docs/evaluation.md: layout)"
@@ -104,10 +133,20 @@ def _eval(argv: list[str]) -> int:
         prog="vispo eval",
         description="avg@k and greedy accuracy of models on benchmarks (resumable). MODEL is a "
         "vispo run folder (its latest checkpoint), a Hugging Face model folder, "
-        "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table.",
+        "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table. "
+        "Without --data or --benchmarks, a run folder is evaluated on its own held-out set "
+        f"(the one training scored) and other models on {DEFAULT_BENCHMARKS}.",
     )
     parser.add_argument("models", nargs="*", metavar="MODEL")
     _add_model_options(parser)
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="evaluate on a data file or folder, any layout training accepts (docs/data.md); "
+        "repeatable",
+    )
+    parser.add_argument("--data-split", default="test", help="split of --data where it has several")
     parser.add_argument("--k", type=int, default=8, help="samples per question (0: greedy only)")
     parser.add_argument("--temperature", type=float, default=1.0, help="avg@k temperature")
     parser.add_argument("--top-p", type=float, default=1.0, help="avg@k nucleus mass")
@@ -129,14 +168,17 @@ def _eval(argv: list[str]) -> int:
         BenchmarkError,
         EvalSettings,
         ModelSpecError,
+        data_file_benchmark,
         describe_benchmarks,
         evaluate_model,
+        held_out_benchmark,
         load_model_spec,
         load_result,
         parse_benchmarks,
         unique_labels,
         write_comparison,
     )
+    from vispo.train.checkpoint import CheckpointError
 
     if args.list:
         print("Benchmarks (group, description):\n" + describe_benchmarks())
@@ -163,10 +205,20 @@ def _eval(argv: list[str]) -> int:
             limit=args.limit,
             keep_responses=not args.no_responses,
         ).validate()
-        benchmarks = parse_benchmarks(args.benchmarks, args.data_root)
+        named = []
+        if args.benchmarks:
+            named += parse_benchmarks(args.benchmarks, args.data_root)
+        for path in args.data or []:
+            named.append(data_file_benchmark(path, split=args.data_split))
         results = []
         for spec in args.models:
             loaded = load_model_spec(spec, step=args.step)
+            if named:
+                benchmarks = named
+            elif loaded.config is not None:  # a run: its own held-out set
+                benchmarks = [held_out_benchmark(loaded.config)]
+            else:
+                benchmarks = parse_benchmarks(DEFAULT_BENCHMARKS, args.data_root)
             out = _output_dir(args.out, loaded, len(args.models), "eval", "evals")
             result = evaluate_model(
                 loaded,
@@ -181,7 +233,7 @@ def _eval(argv: list[str]) -> int:
             print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
             results.append(result)
             del loaded
-    except (BenchmarkError, ModelSpecError, FileNotFoundError, ValueError) as e:
+    except (BenchmarkError, ModelSpecError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"vispo eval: {e}", file=sys.stderr)
         return 2
     if len(results) > 1:
@@ -267,7 +319,7 @@ def _probe(argv: list[str]) -> int:
             template=args.template,
             reward=args.reward,
         ).validate()
-        benchmarks = parse_benchmarks(args.benchmarks, args.data_root)
+        benchmarks = parse_benchmarks(args.benchmarks or DEFAULT_BENCHMARKS, args.data_root)
         out = _output_dir(args.out, loaded, 1, "probe", "probes")
         probe_model(
             loaded,

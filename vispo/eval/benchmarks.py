@@ -332,6 +332,64 @@ def parse_benchmarks(spec: str | list[str], data_root: str | Path | None = None)
     return list(out.values())
 
 
+def data_file_benchmark(
+    path: str | Path,
+    *,
+    split: str = "test",
+    columns: dict | None = None,
+    image_root: str | Path | None = None,
+) -> Benchmark:
+    """A data file or folder as a benchmark (``vispo eval --data``): any layout that
+    ``data.name`` accepts (docs/data.md). Named after the file; group ``general``; bad rows are
+    skipped and counted, as in training."""
+    p = Path(path)
+    if not p.exists():
+        raise BenchmarkError(f"--data {str(path)!r}: no such file or folder")
+
+    def load(_root, limit):
+        from vispo.data import DataError
+
+        try:
+            return load_samples(
+                str(p),
+                split=split,
+                columns=columns,
+                image_root=image_root,
+                limit=limit,
+                validate_images=True,
+            )
+        except DataError as e:
+            raise BenchmarkError(f"--data {str(path)!r}: {e}") from None
+
+    return Benchmark(p.name, GENERAL, load, description=f"data file {p}", local=True)
+
+
+def held_out_benchmark(run_config) -> Benchmark:
+    """A run's own held-out set (what the trainer scored: :func:`vispo.train.setup.held_out`),
+    rebuilt from the run's data config. ``vispo eval RUN`` uses it by default."""
+    dcfg = run_config.data
+
+    def load(_root, limit):
+        from vispo.train.setup import load_eval_data
+
+        data = load_eval_data(dcfg)
+        if data is None:
+            raise BenchmarkError(
+                "the run has no held-out set (data.eval_size=0): name data with --data FILE "
+                "or --benchmarks"
+            )
+        return data if limit is None else data[:limit]
+
+    return Benchmark(
+        "held-out",
+        GENERAL,
+        load,
+        template=dcfg.template,
+        description=f"the run's held-out set of {dcfg.name}",
+        local=True,
+    )
+
+
 def describe_benchmarks() -> str:
     """One line per registered benchmark, for ``vispo eval --list``."""
     width = max(len(n) for n in BENCHMARKS)

@@ -246,3 +246,13 @@ def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = N
     except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
     return state
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The policy weights of checkpoint folder ``path`` (what ``vispo export`` and ``vispo
+    eval`` load); raises :class:`CheckpointError` naming the folder when they cannot be read."""
+    path = Path(path)
+    try:
+        return load_file(str(path / "weights.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"could not read checkpoint {path}: {e}") from e

@@ -56,7 +56,15 @@ class DataConfig:
         ".parquet, .json/.jsonl).",
     )
     split: str = _f("train", "Split to train on.")
-    eval_split: str = _f("test", "Held-out split for evaluation during and after training.")
+    eval_split: str = _f(
+        "test", "Split of the held-out set (of data.eval_name, else of data.name)."
+    )
+    eval_name: str | None = _f(
+        None,
+        "Held-out set: a built-in name or a path (any layout data.name accepts). Default: "
+        "data.name's eval_split; a local data set without one holds out a fixed-seed slice "
+        "of its training rows (at most 20%, never trained on). See docs/data.md.",
+    )
     eval_size: int = _f(300, "Held-out questions scored at the start/end (0: none).")
     template: str = _f(
         "short",

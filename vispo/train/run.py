@@ -67,8 +67,11 @@ def summary_table(trainer: Trainer, metrics: list[dict], wall: float) -> Table:
     table.add_column("after RL", justify="right")
     ev = trainer.eval_results
     if "accuracy_before" in ev:
+        from vispo.train.setup import describe_eval_data
+
+        held = describe_eval_data(trainer.eval_data, trainer.cfg.data.eval_size)
         table.add_row(
-            f"held-out accuracy ({trainer.cfg.data.eval_size} questions, greedy)",
+            f"held-out accuracy ({held}; greedy)",
             f"{ev['accuracy_before']:.3f}",
             f"{ev.get('accuracy_after', float('nan')):.3f}",
         )

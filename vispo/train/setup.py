@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vispo.data import BUILTIN_DATASETS, filter_by_prompt_length, load_builtin, load_samples
+from vispo.data import (
+    BUILTIN_DATASETS,
+    DataError,
+    filter_by_prompt_length,
+    load_builtin,
+    load_samples,
+)
 from vispo.rewards import REWARDS, RewardRunner
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -59,21 +65,169 @@ def load_split(dcfg, split: str, limit):
 
 
 def load_train_data(dcfg, processor, template, *, log=print):
+    """Training samples; where the held-out set is a slice of them (see :func:`held_out`), that
+    slice is removed here and kept on the result as ``.held_out`` for :func:`load_eval_data`."""
     data = load_split(dcfg, dcfg.split, dcfg.limit)
     if getattr(data, "n_skipped", 0):
         log(f"data: skipped {data.n_skipped} bad samples ({dict(data.skipped)})")
+    held, keep = held_out(dcfg, data)
+    if keep is not None:
+        data = data.select(keep)
+    if held is not None:
+        log(f"data: held-out set: {held.description}")
     kept, dropped = filter_by_prompt_length(data, processor, template, dcfg.max_prompt_length)
     if dropped:
         log(f"data: dropped {dropped} prompts longer than {dcfg.max_prompt_length} tokens")
     if len(kept) == 0:
         raise ValueError(f"data.name={dcfg.name!r}: no usable training samples")
+    kept.held_out = held
     return kept
 
 
-def load_eval_data(dcfg):
+#: The held-out slice of a local data set without a held-out split: a fixed seed (the same
+#: questions whatever train.seed is), at most this fraction of the rows.
+HELD_OUT_SEED = 0
+HELD_OUT_FRACTION = 0.2
+
+
+def _image_key(src) -> str:
+    """A cheap identity of an image source (path, or digest of its bytes)."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(src, dict):
+        if src.get("bytes"):
+            return hashlib.sha1(src["bytes"]).hexdigest()
+        return str(src.get("path"))
+    if isinstance(src, (bytes, bytearray)):
+        return hashlib.sha1(src).hexdigest()
+    if isinstance(src, np.ndarray):
+        return hashlib.sha1(src.tobytes()).hexdigest()
+    if isinstance(src, Image.Image):
+        return hashlib.sha1(src.tobytes()).hexdigest()
+    return str(src)
+
+
+def sample_key(sample) -> tuple:
+    """What makes two samples the same question: question, answer and images (not the id,
+    which a loader may derive from the split name)."""
+    return (sample.question, sample.answer, tuple(_image_key(i) for i in sample.images))
+
+
+def _membership(train):
+    """``is_in(sample)``: whether a sample with the same :func:`sample_key` is in ``train``.
+    Images are hashed only for training rows whose question and answer match one asked about."""
+    by_text: dict[tuple, list] = {}
+    for s in train:
+        by_text.setdefault((s.question, s.answer), []).append(s)
+    cache: dict[tuple, set] = {}
+
+    def is_in(sample) -> bool:
+        text = (sample.question, sample.answer)
+        if text not in by_text:
+            return False
+        if text not in cache:
+            cache[text] = {sample_key(s) for s in by_text[text]}
+        return sample_key(sample) in cache[text]
+
+    return is_in
+
+
+def held_out_slice(n_rows: int, eval_size: int) -> tuple[list[int], list[int]]:
+    """``(held, keep)`` row indices: ``min(eval_size, HELD_OUT_FRACTION * n_rows)`` rows drawn
+    with :data:`HELD_OUT_SEED`, in row order, and the rest."""
+    import numpy as np
+
+    n = min(eval_size, int(n_rows * HELD_OUT_FRACTION))
+    order = np.random.default_rng(HELD_OUT_SEED).permutation(n_rows)
+    held = sorted(int(i) for i in order[:n])
+    chosen = set(held)
+    return held, [i for i in range(n_rows) if i not in chosen]
+
+
+def held_out(dcfg, train=None):
+    """The held-out set of a data config: ``(eval_data or None, keep)``.
+
+    ``keep`` is None, or the indices of ``train`` to train on when the held-out set is a slice
+    of it. Which set, in order:
+
+    1. ``data.eval_name`` (a built-in name or a path): its ``data.eval_split``;
+    2. a built-in ``data.name``: its ``data.eval_split``;
+    3. a local ``data.name`` whose ``data.eval_split`` holds other questions than the training
+       split (a DatasetDict folder, a JSON object with that key, split-named parquet files);
+    4. otherwise a fixed-seed slice of the training rows (:func:`held_out_slice`), removed from
+       training: the training file itself is never evaluated on.
+
+    The result has ``.description`` (what the summary prints). ``train`` is the loaded training
+    split (loaded here when None). ``data.eval_size`` 0 means no held-out set.
+    """
+    if dcfg.eval_size <= 0:
+        return None, None
+    eval_name = getattr(dcfg, "eval_name", None)
+    if eval_name:
+        source = DataSource(dcfg, eval_name)
+        data = load_split(source, dcfg.eval_split, dcfg.eval_size)
+        data.description = f"{len(data)} questions of {eval_name} (split {dcfg.eval_split})"
+        return data, None
+    if dcfg.name in BUILTIN_DATASETS:
+        data = load_split(dcfg, dcfg.eval_split, dcfg.eval_size)
+        data.description = f"{len(data)} questions of {dcfg.name} split {dcfg.eval_split}"
+        return data, None
+    if train is None:
+        train = load_split(dcfg, dcfg.split, dcfg.limit)
+    in_train = _membership(train)
+    reason = f"{dcfg.name} has no split {dcfg.eval_split!r} apart from its training rows"
+    try:
+        named = load_split(dcfg, dcfg.eval_split, dcfg.eval_size)
+    except DataError as e:
+        named, reason = None, f"{e}"
+    shared = sum(in_train(s) for s in named) if named is not None else 0
+    if named is not None and len(named) and shared < len(named):
+        named.description = f"{len(named)} questions of {dcfg.name} split {dcfg.eval_split}"
+        if shared:
+            named.description += f" ({shared} of them also in the training split)"
+        return named, None
+    held, keep = held_out_slice(len(train), dcfg.eval_size)
+    if not held:
+        return None, None
+    data = train.select(held)
+    data.description = (
+        f"{len(held)} questions held out of the training data ({reason}): a fixed-seed slice "
+        f"(seed {HELD_OUT_SEED}), not trained on"
+    )
+    return data, keep
+
+
+class DataSource:
+    """``dcfg`` with another data set name (the held-out set is read like the training set)."""
+
+    def __init__(self, dcfg, name: str) -> None:
+        self._dcfg, self.name = dcfg, name
+
+    def __getattr__(self, field):
+        return getattr(self._dcfg, field)
+
+
+def load_eval_data(dcfg, train=None):
+    """The held-out set (:func:`held_out`), or None. ``train``: what :func:`load_train_data`
+    returned, whose ``.held_out`` is reused (it was removed from training there)."""
     if dcfg.eval_size <= 0:
         return None
-    return load_split(dcfg, dcfg.eval_split, dcfg.eval_size)
+    if train is not None and hasattr(train, "held_out"):
+        return train.held_out
+    return held_out(dcfg)[0]
+
+
+def describe_eval_data(eval_data, eval_size: int) -> str:
+    """``"N questions of ..."``: the real number of held-out questions scored and where they
+    come from (for the summary table)."""
+    n = min(eval_size, len(eval_data)) if eval_data is not None else 0
+    text = getattr(eval_data, "description", None)
+    if text is None or n != len(eval_data):
+        return f"{n} questions"
+    return text
 
 
 def load_reward(rcfg) -> RewardRunner:

@@ -97,7 +97,9 @@ class Trainer:
             if train_data is not None
             else load_train_data(cfg.data, self.processor, self.template, log=self.log)
         )
-        self.eval_data = eval_data if eval_data is not None else load_eval_data(cfg.data)
+        self.eval_data = (
+            eval_data if eval_data is not None else load_eval_data(cfg.data, self.train_data)
+        )
         self.reward = reward_fn if reward_fn is not None else load_reward(cfg.reward)
         self.budget = B.image_budget(self.processor)
 
