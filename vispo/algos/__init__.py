@@ -18,6 +18,7 @@ from .entropy import (
     sampled_entropy,
     selective_log_softmax,
 )
+from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate
 from .kl import full_kl, kl_estimate
 from .objective import (
     OBJECTIVE_TERMS,
@@ -39,14 +40,18 @@ from .perception import (
     top_fraction_mask,
 )
 from .policy import ppo_clip_loss
+from .policy_losses import POLICY_LOSSES, policy_loss
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "OBJECTIVE_TERMS",
+    "POLICY_LOSSES",
     "PRESETS",
     "ObjectiveConfig",
     "ObjectiveInputs",
     "Requirements",
+    "advantage_estimate",
     "aggregate",
     "aggregate_total",
     "compute_objective",
@@ -65,6 +70,7 @@ __all__ = [
     "overlong_penalty",
     "papo_perception_loss",
     "perception_kl",
+    "policy_loss",
     "ppo_clip_loss",
     "register_term",
     "requirements",

@@ -25,9 +25,10 @@ import torch
 from .aggregate import AGG_MODES, aggregate, masked_mean
 from .contrastive import CPL_ESTIMATORS, contrastive_perception_loss, cppo_perception_mask
 from .entropy import sampled_entropy
+from .estimators import ADVANTAGE_ESTIMATORS
 from .kl import KL_ESTIMATORS, kl_estimate
 from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
-from .policy import ppo_clip_loss
+from .policy_losses import POLICY_LOSSES, policy_loss
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
 _WARNED: set[str] = set()  # one-time warnings already shown in this process
@@ -110,6 +111,21 @@ class ObjectiveConfig:
     )
     cpl_blur: bool = _f(False, "CPPO: include Gaussian blur among the preserving views.")
 
+    # Policy-loss variants and advantage estimators (vispo.algos.policy_losses / estimators).
+    policy_loss: str = _f(
+        "ppo",
+        f"Policy loss, one of {POLICY_LOSSES}: PPO-clip; GSPO (Zheng et al. 2025, sequence ratio) "
+        "or its token form; CISPO (MiniMax-M1 2025, clipped stop-gradient IS weight); SAPO "
+        "(arXiv 2511.20347, soft gate).",
+    )
+    tau_pos: float = _f(1.0, "SAPO: gate temperature for positive advantages (paper: 1.0).")
+    tau_neg: float = _f(1.05, "SAPO: gate temperature for non-positive advantages (paper: 1.05).")
+    advantage: str = _f(
+        "grpo",
+        f"Advantage estimator, one of {ADVANTAGE_ESTIMATORS}: GRPO (adv_scale applies), RLOO "
+        "(leave-one-out), REINFORCE++ (batch-whitened, Hu 2025) with or without the group mean.",
+    )
+
     extra_terms: dict[str, dict] = _f(
         None,
         "Registered extra terms: {name: {weight: w, ...params}} (see register_term).",
@@ -128,6 +144,8 @@ class ObjectiveConfig:
             "entropy_estimator": ENTROPY_ESTIMATORS,
             "cpl_estimator": CPL_ESTIMATORS,
             "cpl_select": ("perception", "all"),
+            "policy_loss": POLICY_LOSSES,
+            "advantage": ADVANTAGE_ESTIMATORS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -145,6 +163,9 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"objective.{name} must be > 0, got {getattr(self, name)}")
         if self.gamma_end is not None and self.gamma_end < 0:
             raise ValueError(f"objective.gamma_end must be >= 0, got {self.gamma_end}")
         if not 0.0 < self.mask_ratio <= 1.0:
@@ -222,6 +243,18 @@ PRESETS: dict[str, dict] = {
         cpl_top_frac=0.5,
         cpl_gate=True,
     ),
+    # GSPO (Zheng et al. 2025, section 5.1; verl examples/gspo_trainer): clip 3e-4/4e-4 on the
+    # sequence ratio, sequence-mean aggregation, no KL.
+    "gspo": dict(
+        policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, beta=0.0, agg="seq-mean-token-mean"
+    ),
+    # SAPO (arXiv 2511.20347; verl examples/sapo_trainer): tau 1.0/1.05, no clip, no KL loss.
+    "sapo": dict(
+        policy_loss="sapo", tau_pos=1.0, tau_neg=1.05, beta=0.0, agg="seq-mean-token-mean"
+    ),
+    # CISPO (MiniMax-M1, arXiv 2506.13585): only the upper bound of the IS weight binds (verl's
+    # example: clip_ratio_low=10, clip_ratio_high=0.2), token-mean.
+    "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
 }
 
 
@@ -367,7 +400,8 @@ def compute_objective(
     old = x.logp.detach() if x.old_logp is None else x.old_logp
     metrics: dict[str, torch.Tensor] = {}
 
-    policy, clip_metrics = ppo_clip_loss(
+    policy, clip_metrics = policy_loss(
+        cfg.policy_loss,
         x.logp,
         old,
         x.advantages,
@@ -375,6 +409,8 @@ def compute_objective(
         clip_low=cfg.clip_low,
         clip_high=cfg.clip_high,
         dual_clip=cfg.dual_clip,
+        tau_pos=cfg.tau_pos,
+        tau_neg=cfg.tau_neg,
         agg=cfg.agg,
         **agg,
     )

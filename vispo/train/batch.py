@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vispo.algos import dynamic_sampling_keep, group_advantages, zero_std_group_fraction
+from vispo.algos import advantage_estimate, dynamic_sampling_keep, zero_std_group_fraction
 from vispo.models.scoring import (
     PromptBatch,
     ScoringBatch,
@@ -123,7 +123,13 @@ def keep_informative(groups: list[Group], low: float, high: float) -> list[bool]
 
 
 def assemble(
-    processor, groups: list[Group], *, prompts: PromptBatch | None, scale: str, eps: float
+    processor,
+    groups: list[Group],
+    *,
+    prompts: PromptBatch | None,
+    scale: str,
+    eps: float,
+    estimator: str = "grpo",
 ) -> StepBatch:
     """Pad responses, build the scoring batch and the advantages of the kept groups.
 
@@ -139,7 +145,9 @@ def assemble(
     batch = build_scoring_batch(prompts, ids, repeats=n, response_mask=mask)
     rewards = torch.cat([g.rewards for g in groups])
     group_ids = torch.arange(len(groups)).repeat_interleave(n)
-    advantages = group_advantages(rewards, group_ids, scale=scale, eps=eps)
+    advantages = advantage_estimate(
+        estimator, rewards, group_ids, lengths=mask.sum(-1), scale=scale, eps=eps
+    )
     return StepBatch(
         groups=groups, prompts=prompts, batch=batch, rewards=rewards, advantages=advantages
     )

@@ -287,7 +287,12 @@ class Trainer:
         kept = kept[:target]
         prompts = reuse_prompts if reuse_prompts is not None and len(kept) == len(groups) else None
         step = B.assemble(
-            self.processor, kept, prompts=prompts, scale=ocfg.adv_scale, eps=ocfg.adv_eps
+            self.processor,
+            kept,
+            prompts=prompts,
+            scale=ocfg.adv_scale,
+            eps=ocfg.adv_eps,
+            estimator=ocfg.advantage,
         )
         return step, rounds, len(kept) / max(seen, 1)
 
