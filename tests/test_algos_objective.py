@@ -47,6 +47,7 @@ def test_presets_match_algorithms_table():
         "gspo": dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, beta=0.0),
         "sapo": dict(policy_loss="sapo", tau_pos=1.0, tau_neg=1.05, beta=0.0),
         "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
+        "noisyrollout": dict(beta=0.01, clip_high=0.3, noisy_frac=0.5, noisy_t0=500),
     }
     assert set(expect) == set(PRESETS)
     for name, fields in expect.items():

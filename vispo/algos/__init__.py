@@ -20,6 +20,7 @@ from .entropy import (
 )
 from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate
 from .kl import full_kl, kl_estimate
+from .noisy_rollout import noise_decay, noisy_rollout_scales
 from .objective import (
     OBJECTIVE_TERMS,
     PRESETS,
@@ -28,6 +29,7 @@ from .objective import (
     Requirements,
     aggregate_total,
     compute_objective,
+    noisy_rollout_plan,
     objective_preset,
     register_term,
     requirements,
@@ -66,6 +68,9 @@ __all__ = [
     "kl_estimate",
     "linear_anneal",
     "masked_mean",
+    "noise_decay",
+    "noisy_rollout_plan",
+    "noisy_rollout_scales",
     "objective_preset",
     "overlong_penalty",
     "papo_perception_loss",

@@ -27,6 +27,7 @@ from .contrastive import CPL_ESTIMATORS, contrastive_perception_loss, cppo_perce
 from .entropy import sampled_entropy
 from .estimators import ADVANTAGE_ESTIMATORS
 from .kl import KL_ESTIMATORS, kl_estimate
+from .noisy_rollout import NOISE_ANNEAL, noisy_rollout_scales
 from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
 from .policy_losses import POLICY_LOSSES, policy_loss
 
@@ -126,6 +127,23 @@ class ObjectiveConfig:
         "(leave-one-out), REINFORCE++ (batch-whitened, Hu 2025) with or without the group mean.",
     )
 
+    # NoisyRollout (Liu et al. 2025, arXiv 2504.13055): rollouts only; scoring uses clean images.
+    noisy_frac: float = _f(
+        0.0,
+        "NoisyRollout: share of each group rolled out on a noised copy of the image (paper: "
+        "half); the responses are scored and updated against the clean image. 0 = off.",
+    )
+    noisy_t0: int = _f(
+        500, "NoisyRollout: initial diffusion noise step (of 1000; official: 500 Geo3K, 450 K12)."
+    )
+    noisy_anneal: str = _f(
+        "sigmoid", f"NoisyRollout: noise annealing over training, one of {NOISE_ANNEAL}."
+    )
+    noisy_anneal_coef: float = _f(30.0, "NoisyRollout: sigmoid annealing steepness (official 30).")
+    noisy_anneal_mid: float = _f(
+        0.65, "NoisyRollout: training fraction where the sigmoid decay is 1/2 (official ~40/62)."
+    )
+
     extra_terms: dict[str, dict] = _f(
         None,
         "Registered extra terms: {name: {weight: w, ...params}} (see register_term).",
@@ -146,6 +164,7 @@ class ObjectiveConfig:
             "cpl_select": ("perception", "all"),
             "policy_loss": POLICY_LOSSES,
             "advantage": ADVANTAGE_ESTIMATORS,
+            "noisy_anneal": NOISE_ANNEAL,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -163,6 +182,10 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.noisy_frac <= 1.0:
+            raise ValueError(f"objective.noisy_frac must be in [0, 1], got {self.noisy_frac}")
+        if not 0 <= self.noisy_t0 < 1000:
+            raise ValueError(f"objective.noisy_t0 must be in [0, 1000), got {self.noisy_t0}")
         for name in ("tau_pos", "tau_neg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"objective.{name} must be > 0, got {getattr(self, name)}")
@@ -255,6 +278,11 @@ PRESETS: dict[str, dict] = {
     # CISPO (MiniMax-M1, arXiv 2506.13585): only the upper bound of the IS weight binds (verl's
     # example: clip_ratio_low=10, clip_ratio_high=0.2), token-mean.
     "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
+    # NoisyRollout (arXiv 2504.13055; NUS-TRAIL/NoisyRollout training_scripts): GRPO with half of
+    # each group on noised images, diffusion step 500 annealed by a sigmoid (coef 30), KL loss 0.01.
+    "noisyrollout": dict(
+        adv_scale="group", clip_low=0.2, clip_high=0.3, beta=0.01, noisy_frac=0.5, noisy_t0=500
+    ),
 }
 
 
@@ -265,6 +293,20 @@ def objective_preset(name: str, **overrides) -> ObjectiveConfig:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown objective preset {name!r}{hint}; choose from {sorted(PRESETS)}")
     return ObjectiveConfig(name=name, **{**PRESETS[name], **overrides})
+
+
+def noisy_rollout_plan(cfg: ObjectiveConfig, n: int, progress: float) -> dict:
+    """NoisyRollout's rollout for one step: ``n_noisy`` of the ``n`` responses per prompt on
+    images scaled by ``signal`` with Gaussian noise of std ``noise_std`` (0 noisy when off)."""
+    n_noisy = int(round(cfg.noisy_frac * n))
+    signal, noise_std = noisy_rollout_scales(
+        progress,
+        t0=cfg.noisy_t0,
+        mode=cfg.noisy_anneal,
+        coef=cfg.noisy_anneal_coef,
+        mid=cfg.noisy_anneal_mid,
+    )
+    return dict(n_noisy=n_noisy, signal=signal, noise_std=noise_std)
 
 
 @dataclass(frozen=True)
