@@ -98,6 +98,7 @@ def test_shipped_presets_load():
         "sapo",
         "cispo",
         "noisyrollout",
+        "vppo",
     ):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.objective.name == name

@@ -33,6 +33,7 @@ from .objective import (
     objective_preset,
     register_term,
     requirements,
+    shaped_advantages,
 )
 from .perception import (
     double_entropy_loss,
@@ -43,6 +44,12 @@ from .perception import (
 )
 from .policy import ppo_clip_loss
 from .policy_losses import POLICY_LOSSES, policy_loss
+from .vppo import (
+    sequence_dependency,
+    visual_dependency,
+    vppo_advantage_weights,
+    vppo_token_mask,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -81,6 +88,11 @@ __all__ = [
     "requirements",
     "sampled_entropy",
     "selective_log_softmax",
+    "sequence_dependency",
+    "shaped_advantages",
+    "visual_dependency",
+    "vppo_advantage_weights",
+    "vppo_token_mask",
     "top_fraction_mask",
     "zero_std_group_fraction",
 ]

@@ -30,6 +30,7 @@ from .kl import KL_ESTIMATORS, kl_estimate
 from .noisy_rollout import NOISE_ANNEAL, noisy_rollout_scales
 from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
 from .policy_losses import POLICY_LOSSES, policy_loss
+from .vppo import visual_dependency, vppo_advantage_weights, vppo_token_mask
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
 _WARNED: set[str] = set()  # one-time warnings already shown in this process
@@ -127,6 +128,18 @@ class ObjectiveConfig:
         "(leave-one-out), REINFORCE++ (batch-whitened, Hu 2025) with or without the group mean.",
     )
 
+    # VPPO (Huang et al. 2025, arXiv 2510.09285): reuses PAPO's masked image (mask_ratio).
+    vppo_top_frac: float | None = _f(
+        None,
+        "VPPO: restrict the policy gradient to this top fraction of tokens per sequence by visual "
+        "dependency (KL between the original- and masked-image distributions; paper: 0.4).",
+    )
+    vppo_scale_min: float | None = _f(
+        None,
+        "VPPO: reweight each trajectory's advantage by its mean visual dependency, mapped to "
+        "[scale_min, b] with mean 1 (paper: 0.9). None: no reweighting.",
+    )
+
     # NoisyRollout (Liu et al. 2025, arXiv 2504.13055): rollouts only; scoring uses clean images.
     noisy_frac: float = _f(
         0.0,
@@ -186,6 +199,17 @@ class ObjectiveConfig:
             raise ValueError(f"objective.noisy_frac must be in [0, 1], got {self.noisy_frac}")
         if not 0 <= self.noisy_t0 < 1000:
             raise ValueError(f"objective.noisy_t0 must be in [0, 1000), got {self.noisy_t0}")
+        if self.vppo_top_frac is not None and not 0.0 < self.vppo_top_frac <= 1.0:
+            raise ValueError(f"objective.vppo_top_frac must be in (0, 1], got {self.vppo_top_frac}")
+        if self.vppo_scale_min is not None and not 0.0 <= self.vppo_scale_min <= 1.0:
+            raise ValueError(
+                f"objective.vppo_scale_min must be in [0, 1], got {self.vppo_scale_min}"
+            )
+        if self.uses_vppo and self.uses_papo and self.masked_grad:
+            raise ValueError(
+                "objective.vppo_* needs the masked pass scored once with the pre-update policy: "
+                "set objective.masked_grad=false"
+            )
         for name in ("tau_pos", "tau_neg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"objective.{name} must be > 0, got {getattr(self, name)}")
@@ -236,6 +260,10 @@ class ObjectiveConfig:
     def uses_cppo(self) -> bool:
         return self.cpl_lambda > 0
 
+    @property
+    def uses_vppo(self) -> bool:
+        return self.vppo_top_frac is not None or self.vppo_scale_min is not None
+
 
 # Section 10 of algorithms.md. PAPO-G here is the 3B recipe (no entropy terms); the 7B recipe
 # adds eta_orig = eta_mask = 0.05.
@@ -278,6 +306,19 @@ PRESETS: dict[str, dict] = {
     # CISPO (MiniMax-M1, arXiv 2506.13585): only the upper bound of the IS weight binds (verl's
     # example: clip_ratio_low=10, clip_ratio_high=0.2), token-mean.
     "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
+    # VPPO (arXiv 2510.09285; VPPO-RL examples/configs/train_vppo_7b.sh + config.yaml): top 40%
+    # tokens, advantage scaling from 0.9, masked image with patch probability 0.5, sampled-token
+    # entropy penalty 0.06, KL loss 0.01, clip 0.2/0.28.
+    "vppo": dict(
+        adv_scale="group",
+        clip_low=0.2,
+        clip_high=0.28,
+        beta=0.01,
+        vppo_top_frac=0.4,
+        vppo_scale_min=0.9,
+        mask_ratio=0.5,
+        eta_orig=0.06,
+    ),
     # NoisyRollout (arXiv 2504.13055; NUS-TRAIL/NoisyRollout training_scripts): GRPO with half of
     # each group on noised images, diffusion step 500 annealed by a sigmoid (coef 30), KL loss 0.01.
     "noisyrollout": dict(
@@ -317,13 +358,16 @@ class Requirements:
     pre-update policy, no gradient) or ``"grad"`` (recomputed with gradient in the update).
     ``entropy``: the passes whose full-vocabulary entropy is needed. ``ref``: reference-model
     log-probs. ``cppo_positive_only``: the CPPO views are needed only for sequences with positive
-    advantage (everything else carries no contrastive loss).
+    advantage (everything else carries no contrastive loss). ``old_logp``: the pre-update
+    policy's log-probs are needed before the update even when it is exactly on-policy (VPPO's
+    batch-level advantage reweighting).
     """
 
     variants: dict[str, str]
     entropy: frozenset[str]
     ref: bool
     cppo_positive_only: bool
+    old_logp: bool = False
 
 
 def requirements(cfg: ObjectiveConfig) -> Requirements:
@@ -338,6 +382,8 @@ def requirements(cfg: ObjectiveConfig) -> Requirements:
                 entropy.add("mask")
     elif cfg.eta_orig > 0 and cfg.entropy_estimator == "full":
         entropy.add("orig")
+    if cfg.uses_vppo:  # the dependency is measured with the pre-update policy (official code)
+        variants["mask"] = "fixed"
     if cfg.uses_cppo:
         variants["pos"] = "grad"
         variants["neg"] = "grad"
@@ -348,7 +394,29 @@ def requirements(cfg: ObjectiveConfig) -> Requirements:
         entropy=frozenset(entropy),
         ref=cfg.beta > 0,
         cppo_positive_only=cfg.uses_cppo and cfg.cpl_gate,
+        old_logp=cfg.vppo_scale_min is not None,
     )
+
+
+def shaped_advantages(
+    cfg: ObjectiveConfig,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    logp_mask: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The advantages with the ``rows`` of one mini-batch reweighted by VPPO's trajectory
+    dependency (:func:`vppo_advantage_weights` over those rows); unchanged without VPPO."""
+    if cfg.vppo_scale_min is None:
+        return advantages
+    if old_logp is None or logp_mask is None:
+        raise ValueError("objective.vppo_scale_min needs old-policy and masked-image log-probs")
+    dep = visual_dependency(old_logp[rows], logp_mask[rows])
+    weights = vppo_advantage_weights(dep, mask[rows], scale_min=cfg.vppo_scale_min)
+    out = advantages.clone()
+    out[rows] = advantages[rows] * (weights if advantages.ndim == 1 else weights[:, None])
+    return out
 
 
 @dataclass
@@ -441,12 +509,23 @@ def compute_objective(
     agg = dict(horizon=cfg.horizon, total=total)
     old = x.logp.detach() if x.old_logp is None else x.old_logp
     metrics: dict[str, torch.Tensor] = {}
+    advantages = x.advantages
+    if cfg.uses_vppo:
+        if x.logp_mask is None:
+            raise ValueError("objective.vppo_* needs masked-image log-probs (logp_mask)")
+        dependency = visual_dependency(old, x.logp_mask)
+        metrics["perception/dependency_mean"] = masked_mean(dependency, mask)
+        if cfg.vppo_top_frac is not None:  # zero advantage = no policy gradient on the token
+            selected = vppo_token_mask(dependency, mask, top_frac=cfg.vppo_top_frac)
+            adv = advantages if advantages.ndim == 2 else advantages[:, None]
+            advantages = adv * selected
+            metrics["perception/vppo_selected_frac"] = masked_mean(selected.float(), mask)
 
     policy, clip_metrics = policy_loss(
         cfg.policy_loss,
         x.logp,
         old,
-        x.advantages,
+        advantages,
         mask,
         clip_low=cfg.clip_low,
         clip_high=cfg.clip_high,

@@ -16,7 +16,13 @@ import math
 
 import torch
 
-from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
+from vispo.algos import (
+    ObjectiveInputs,
+    Requirements,
+    aggregate_total,
+    compute_objective,
+    shaped_advantages,
+)
 from vispo.models.scoring import ScoringBatch, score
 from vispo.train import deepspeed as ds
 from vispo.train.dist import Dist
@@ -46,6 +52,7 @@ def score_fixed(
     autocast: torch.dtype | None = None,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
+    on_policy = on_policy and not req.old_logp
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
     flags = ([] if on_policy else [False]) + [name in req.entropy for name in fixed]
     old_logp, variant_logp, variant_entropy = None, {}, {}
@@ -173,6 +180,14 @@ def ppo_update(
                 else None
             )
             micro = list(mb.split(micro_batch))
+            mb_adv = shaped_advantages(  # VPPO: per-trajectory reweighting over the mini-batch
+                ocfg,
+                adv,
+                mb,
+                fixed.old_logp,
+                fixed.variant_logp.get("mask"),
+                batch.response_mask,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
             for k, idx in enumerate(micro):
@@ -181,7 +196,7 @@ def ppo_update(
                     model,
                     sub,
                     idx,
-                    adv,
+                    mb_adv,
                     step.variants,
                     fixed,
                     req,
