@@ -5,13 +5,17 @@ tiny end-to-end run."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vispo.algos import (
     ObjectiveConfig,
     ObjectiveInputs,
     compute_objective,
+    full_kl,
+    full_kl_from_logits,
     objective_preset,
     policy_loss,
     requirements,
@@ -20,6 +24,7 @@ from vispo.algos import (
     vppo_advantage_weights,
     vppo_token_mask,
 )
+from vispo.models.scoring import build_scoring_batch, encode_prompts, pixel_inputs, score
 from vispo.rewards import RewardRunner
 from vispo.train.config import load_config
 from vispo.train.trainer import Trainer
@@ -162,7 +167,11 @@ def parity_reward(completions, answers, **columns):
 
 @pytest.mark.parametrize(
     "preset,extra",
-    [("vppo", []), ("papo_g", ["objective.vppo_top_frac=0.4", "objective.vppo_scale_min=0.9"])],
+    [
+        ("vppo", []),
+        ("vppo", ["objective.vppo_estimator=full"]),
+        ("papo_g", ["objective.vppo_top_frac=0.4", "objective.vppo_scale_min=0.9"]),
+    ],
 )
 def test_vppo_trains_alone_and_with_papo(tmp_path, preset, extra):
     cfg = load_config(
@@ -194,3 +203,58 @@ def test_vppo_trains_alone_and_with_papo(tmp_path, preset, extra):
         assert sum(parts) == pytest.approx(m["loss/total"], abs=1e-5)
     if preset == "papo_g":
         assert "loss/perception_kl" in history[0]
+
+
+def test_full_kl_from_logits_by_hand_and_chunked():
+    # p = softmax([0, ln 3]) = (1/4, 3/4), q = uniform: KL = 1/4 ln(1/2) + 3/4 ln(3/2).
+    p = torch.tensor([[0.0, math.log(3.0)]])
+    q = torch.zeros(1, 2)
+    expect = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert full_kl_from_logits(p, q).item() == pytest.approx(expect, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 17, generator=g), torch.randn(3, 5, 17, generator=g)
+    ref = full_kl(torch.log_softmax(a / 0.7, -1), torch.log_softmax(b / 0.7, -1))
+    for chunk in (1, 4, None):
+        got = full_kl_from_logits(a, b, temperature=0.7, chunk_size=chunk)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_returns_the_full_kl_of_the_masked_pass(tiny_vlm, sample_images, make_conversation):
+    model, processor = tiny_vlm("qwen2_vl")
+    messages = [make_conversation(1, "What shape?"), make_conversation(1, "Color?")]
+    images = [[sample_images[0]], [sample_images[1]]]
+    prompts = encode_prompts(processor, messages, images)
+    g = torch.Generator().manual_seed(0)
+    responses = torch.randint(20, len(processor.tokenizer), (4, 5), generator=g)
+    batch = build_scoring_batch(prompts, responses, repeats=2)
+    masked_images = [[Image.fromarray(np.zeros_like(np.asarray(im[0])))] for im in images]
+    masked = pixel_inputs(processor, masked_images, reference=prompts)
+    orig, mask = score(model, batch, [None, masked], kl_to_first=[False, True], temperature=0.9)
+    assert orig.kl is None
+    with torch.no_grad():
+        lo = model(**batch.model_inputs()).logits.float() / 0.9
+        lm = model(**batch.model_inputs(masked)).logits.float() / 0.9
+    Lp = batch.prompt_length
+    ref = full_kl(
+        torch.log_softmax(lo[:, Lp - 1 : -1], -1), torch.log_softmax(lm[:, Lp - 1 : -1], -1)
+    )
+    m = batch.response_mask
+    torch.testing.assert_close(mask.kl, ref * m, rtol=1e-4, atol=1e-5)
+    assert float(mask.kl.max()) > 1e-4  # the model sees the mask
+
+
+def test_full_estimator_uses_the_scored_kl(tmp_path):
+    old, aug, mask, adv = (t.float() for t in _batch(6))
+    dep = torch.rand(old.shape) * mask
+    cfg = objective_preset("vppo", vppo_estimator="full", beta=0.0)
+    r = requirements(cfg)
+    assert r.kl == {"mask"} and r.variants == {"mask": "fixed"}
+    x = ObjectiveInputs(
+        logp=old.clone(), advantages=adv, mask=mask, old_logp=old, logp_mask=aug, dependency=dep
+    )
+    _, metrics = compute_objective(cfg, x)
+    expect = (dep * mask).sum() / mask.sum()
+    assert metrics["perception/dependency_mean"].item() == pytest.approx(expect.item(), rel=1e-5)
+    rows = torch.arange(len(adv))
+    out = shaped_advantages(cfg, adv, rows, None, None, mask, dependency=dep)
+    torch.testing.assert_close(out, adv * vppo_advantage_weights(dep, mask, scale_min=0.9))

@@ -45,6 +45,7 @@ from .perception import (
 from .policy import ppo_clip_loss
 from .policy_losses import POLICY_LOSSES, policy_loss
 from .vppo import (
+    full_kl_from_logits,
     sequence_dependency,
     visual_dependency,
     vppo_advantage_weights,
@@ -71,6 +72,7 @@ __all__ = [
     "entropy_from_logits",
     "logp_and_entropy",
     "full_kl",
+    "full_kl_from_logits",
     "group_advantages",
     "kl_estimate",
     "linear_anneal",

@@ -30,7 +30,7 @@ from .kl import KL_ESTIMATORS, kl_estimate
 from .noisy_rollout import NOISE_ANNEAL, noisy_rollout_scales
 from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
 from .policy_losses import POLICY_LOSSES, policy_loss
-from .vppo import visual_dependency, vppo_advantage_weights, vppo_token_mask
+from .vppo import VPPO_ESTIMATORS, visual_dependency, vppo_advantage_weights, vppo_token_mask
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
 _WARNED: set[str] = set()  # one-time warnings already shown in this process
@@ -139,6 +139,11 @@ class ObjectiveConfig:
         "VPPO: reweight each trajectory's advantage by its mean visual dependency, mapped to "
         "[scale_min, b] with mean 1 (paper: 0.9). None: no reweighting.",
     )
+    vppo_estimator: str = _f(
+        "k3",
+        "VPPO: visual dependency estimator, 'k3' (sampled token, the official code) or 'full' "
+        "(full-vocabulary KL, the paper's equation; one no-grad original pass more).",
+    )
 
     # NoisyRollout (Liu et al. 2025, arXiv 2504.13055): rollouts only; scoring uses clean images.
     noisy_frac: float = _f(
@@ -178,6 +183,7 @@ class ObjectiveConfig:
             "policy_loss": POLICY_LOSSES,
             "advantage": ADVANTAGE_ESTIMATORS,
             "noisy_anneal": NOISE_ANNEAL,
+            "vppo_estimator": VPPO_ESTIMATORS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -360,7 +366,8 @@ class Requirements:
     log-probs. ``cppo_positive_only``: the CPPO views are needed only for sequences with positive
     advantage (everything else carries no contrastive loss). ``old_logp``: the pre-update
     policy's log-probs are needed before the update even when it is exactly on-policy (VPPO's
-    batch-level advantage reweighting).
+    batch-level advantage reweighting). ``kl``: the variants whose full-vocabulary KL from the
+    original image (pre-update policy) is needed (VPPO's ``full`` estimator).
     """
 
     variants: dict[str, str]
@@ -368,6 +375,7 @@ class Requirements:
     ref: bool
     cppo_positive_only: bool
     old_logp: bool = False
+    kl: frozenset[str] = frozenset()
 
 
 def requirements(cfg: ObjectiveConfig) -> Requirements:
@@ -395,6 +403,7 @@ def requirements(cfg: ObjectiveConfig) -> Requirements:
         ref=cfg.beta > 0,
         cppo_positive_only=cfg.uses_cppo and cfg.cpl_gate,
         old_logp=cfg.vppo_scale_min is not None,
+        kl=frozenset({"mask"}) if cfg.uses_vppo and cfg.vppo_estimator == "full" else frozenset(),
     )
 
 
@@ -405,14 +414,21 @@ def shaped_advantages(
     old_logp: torch.Tensor | None,
     logp_mask: torch.Tensor | None,
     mask: torch.Tensor,
+    dependency: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The advantages with the ``rows`` of one mini-batch reweighted by VPPO's trajectory
-    dependency (:func:`vppo_advantage_weights` over those rows); unchanged without VPPO."""
+    dependency (:func:`vppo_advantage_weights` over those rows); unchanged without VPPO.
+    ``dependency``: the full-vocabulary KL ``[B, T]`` (``vppo_estimator='full'``)."""
     if cfg.vppo_scale_min is None:
         return advantages
-    if old_logp is None or logp_mask is None:
+    if cfg.vppo_estimator == "full":
+        if dependency is None:
+            raise ValueError("vppo_estimator='full' needs the full-vocabulary KL (dependency)")
+        dep = dependency[rows]
+    elif old_logp is None or logp_mask is None:
         raise ValueError("objective.vppo_scale_min needs old-policy and masked-image log-probs")
-    dep = visual_dependency(old_logp[rows], logp_mask[rows])
+    else:
+        dep = visual_dependency(old_logp[rows], logp_mask[rows])
     weights = vppo_advantage_weights(dep, mask[rows], scale_min=cfg.vppo_scale_min)
     out = advantages.clone()
     out[rows] = advantages[rows] * (weights if advantages.ndim == 1 else weights[:, None])
@@ -445,6 +461,7 @@ class ObjectiveInputs:
     full_logp: torch.Tensor | None = None  # [B, T, V], CPPO "full" estimator only
     full_logp_pos: torch.Tensor | None = None
     full_logp_neg: torch.Tensor | None = None
+    dependency: torch.Tensor | None = None  # VPPO 'full': KL(pi(.|I) || pi(.|I_mask)), no grad
 
 
 def aggregate_total(mask: torch.Tensor, mode: str, horizon: int | None = None) -> torch.Tensor:
@@ -511,9 +528,14 @@ def compute_objective(
     metrics: dict[str, torch.Tensor] = {}
     advantages = x.advantages
     if cfg.uses_vppo:
-        if x.logp_mask is None:
+        if cfg.vppo_estimator == "full":
+            if x.dependency is None:
+                raise ValueError("vppo_estimator='full' needs the full-vocabulary KL (dependency)")
+            dependency = x.dependency
+        elif x.logp_mask is None:
             raise ValueError("objective.vppo_* needs masked-image log-probs (logp_mask)")
-        dependency = visual_dependency(old, x.logp_mask)
+        else:
+            dependency = visual_dependency(old, x.logp_mask)
         metrics["perception/dependency_mean"] = masked_mean(dependency, mask)
         if cfg.vppo_top_frac is not None:  # zero advantage = no policy gradient on the token
             selected = vppo_token_mask(dependency, mask, top_frac=cfg.vppo_top_frac)

@@ -30,6 +30,7 @@ import math
 import torch
 
 VPPO_KL_MAX = 10.0
+VPPO_ESTIMATORS = ("k3", "full")
 
 
 def visual_dependency(logp_orig: torch.Tensor, logp_mask: torch.Tensor) -> torch.Tensor:
@@ -83,3 +84,34 @@ def vppo_token_mask(
             -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
         )
         return (rank < k[:, None]) & m
+
+
+def full_kl_from_logits(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Exact per-position ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` with ``p = softmax(
+    logits_p / T)``, ``q = softmax(logits_q / T)``, over the full vocabulary (``[..., V]`` ->
+    ``[...]``, float32, no gradient): the paper's visual dependency (VPPO eq. 2) with ``p`` the
+    original-image and ``q`` the masked-image distribution. Rows are processed in chunks like
+    :mod:`vispo.algos.entropy`, so no float32 ``[..., V]`` copy of the whole batch is made."""
+    from .entropy import _acc_dtype, _rows_per_chunk
+
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logits shapes differ: {tuple(logits_p.shape)} {tuple(logits_q.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, vocab = logits_p.shape[:-1], logits_p.shape[-1]
+    p2, q2 = logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab)
+    acc = _acc_dtype(logits_p)
+    rows = _rows_per_chunk(logits_p, chunk_size)
+    out = torch.empty(p2.shape[0], dtype=acc, device=logits_p.device)
+    with torch.no_grad():
+        for s in range(0, p2.shape[0], rows):
+            lp = torch.log_softmax(p2[s : s + rows].to(acc) / temperature, dim=-1)
+            lq = torch.log_softmax(q2[s : s + rows].to(acc) / temperature, dim=-1)
+            out[s : s + rows] = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
+    return out.reshape(lead)

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from PIL import Image
 
-from vispo.algos import logp_and_entropy, selective_log_softmax
+from vispo.algos import full_kl_from_logits, logp_and_entropy, selective_log_softmax
 from vispo.models.layout import PixelLayout, concat_pixels, index_pixels, layout_for
 
 PixelDict = dict[str, torch.Tensor]
@@ -202,10 +202,12 @@ class Scores:
 
     ``logp``: ``[B, T]`` float32 log-probs of the response tokens (0 where the response mask
     is 0). ``entropy``: ``[B, T]`` float32 full-vocabulary entropies (0 where masked), or None.
+    ``kl``: ``[B, T]`` float32 full-vocabulary KL(first variant || this one) (VPPO), or None.
     """
 
     logp: torch.Tensor
     entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
 
 
 def _as_index(index: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -520,6 +522,7 @@ def score(
     chunk_size: int | None = None,
     micro_batch_size: int | None = None,
     autocast: torch.dtype | None = None,
+    kl_to_first: Sequence[bool] | None = None,
 ) -> list[Scores]:
     """Teacher-forced per-token log-probs (and entropies) of the responses, per image variant.
 
@@ -540,6 +543,8 @@ def score(
             (before stacking); None = all at once.
         autocast: run the model forward under ``torch.autocast`` to this dtype (e.g.
             ``torch.bfloat16`` on GPU); None = the parameters' own dtype.
+        kl_to_first: one flag per variant: also return the full-vocabulary KL from the first
+            variant's distribution to this one's (no gradient; VPPO's visual dependency).
 
     Returns:
         One :class:`Scores` per variant, in order; masked positions hold 0.
@@ -561,6 +566,10 @@ def score(
     ]
     size = len(batch) if micro_batch_size is None else micro_batch_size
     logps: list[list[torch.Tensor]] = [[] for _ in variants]
+    kl_flags = [False] * len(variants) if kl_to_first is None else list(kl_to_first)
+    if len(kl_flags) != len(variants):
+        raise ValueError(f"kl_to_first has {len(kl_flags)} flags for {len(variants)} variants")
+    kls: list[list[torch.Tensor]] = [[] for _ in variants]
     ents: list[list[torch.Tensor]] = [[] for _ in variants]
     context = contextlib.nullcontext() if grad else torch.no_grad()
     with context:
@@ -578,10 +587,14 @@ def score(
                 else:
                     logp = selective_log_softmax(variant_logits, targets, **kw)
                 logps[k].append(torch.where(mask, logp, torch.zeros_like(logp)))
+                if kl_flags[k]:
+                    kl = full_kl_from_logits(logits[0].detach(), variant_logits.detach(), **kw)
+                    kls[k].append(torch.where(mask, kl, torch.zeros_like(kl)))
     return [
         Scores(
             logp=torch.cat(logps[k], dim=0),
             entropy=torch.cat(ents[k], dim=0) if flags[k] else None,
+            kl=torch.cat(kls[k], dim=0) if kl_flags[k] else None,
         )
         for k in range(len(variants))
     ]

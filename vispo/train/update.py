@@ -35,6 +35,7 @@ class FixedScores:
     ref_logp: torch.Tensor | None
     variant_logp: dict[str, torch.Tensor]  # "fixed" variants
     variant_entropy: dict[str, torch.Tensor]
+    variant_kl: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # VPPO 'full'
 
 
 def score_fixed(
@@ -52,10 +53,11 @@ def score_fixed(
     autocast: torch.dtype | None = None,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
-    on_policy = on_policy and not req.old_logp
+    on_policy = on_policy and not req.old_logp and not req.kl
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
     flags = ([] if on_policy else [False]) + [name in req.entropy for name in fixed]
-    old_logp, variant_logp, variant_entropy = None, {}, {}
+    kl_flags = ([] if on_policy else [False]) + [name in req.kl for name in fixed]
+    old_logp, variant_logp, variant_entropy, variant_kl = None, {}, {}, {}
     if passes:
         was_training = model.training
         model.eval()
@@ -69,6 +71,7 @@ def score_fixed(
             stack=stack,
             micro_batch_size=micro_batch,
             autocast=autocast,
+            kl_to_first=kl_flags,
         )
         model.train(was_training)
         if not on_policy:
@@ -77,6 +80,8 @@ def score_fixed(
             variant_logp[name] = s.logp
             if s.entropy is not None:
                 variant_entropy[name] = s.entropy
+            if s.kl is not None:
+                variant_kl[name] = s.kl
     ref_logp = None
     if req.ref:
         with ref_context():
@@ -89,7 +94,7 @@ def score_fixed(
                 micro_batch_size=micro_batch,
                 autocast=autocast,
             )[0].logp
-    return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy)
+    return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy, variant_kl)
 
 
 class MetricSums:
@@ -187,6 +192,7 @@ def ppo_update(
                 fixed.old_logp,
                 fixed.variant_logp.get("mask"),
                 batch.response_mask,
+                dependency=fixed.variant_kl.get("mask"),
             )
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
@@ -338,6 +344,7 @@ def _forward(
         logp_mask=logp_mask,
         entropy=orig.entropy,
         entropy_mask=entropy_mask,
+        dependency=fixed_rows(fixed.variant_kl, "mask"),
     )
     if cppo:
         rows = (
