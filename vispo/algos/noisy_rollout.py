@@ -8,7 +8,7 @@ The official code (NUS-TRAIL/NoisyRollout, an EasyR1 fork, ``verl/utils/image_au
     x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,   eps ~ N(0, 1),   clipped to [0, 1]
     beta_s = sigmoid(linspace(-6, 6, 1000))_s * (5e-3 - 1e-5) + 1e-5,  abar_t = prod_{s<=t} (1 - beta_s)
 
-with ``t0 = 500`` (geometry3k; 450 for K12) and the decay (paper section 3.2, "noise annealing"),
+with ``t0 = 500`` (geometry3k; 450 for K12) and the decay (the paper's "noise annealing"),
 a function of the training progress ``p = step / total_steps``:
 
 - ``none``: 1

@@ -300,7 +300,7 @@ PRESETS: dict[str, dict] = {
         cpl_top_frac=0.5,
         cpl_gate=True,
     ),
-    # GSPO (Zheng et al. 2025, section 5.1; verl examples/gspo_trainer): clip 3e-4/4e-4 on the
+    # GSPO (Zheng et al. 2025; verl examples/gspo_trainer): clip 3e-4/4e-4 on the
     # sequence ratio, sequence-mean aggregation, no KL.
     "gspo": dict(
         policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, beta=0.0, agg="seq-mean-token-mean"

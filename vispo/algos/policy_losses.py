@@ -4,18 +4,18 @@
 ``d = logp - old_logp`` the per-token log-ratio and ``r = exp(d)`` the token ratio:
 
 - ``ppo``: :func:`vispo.algos.policy.ppo_clip_loss` (algorithms.md section 4).
-- ``gspo`` (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, eq. 5-7):
+- ``gspo`` (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071):
   one length-normalised ratio per sequence ``s_i = exp(min(mean_t d_it, 10))`` (with gradient
   through the mean), clipped per sequence:
   ``l_it = max(-A_it * s_i, -A_it * clip(s_i, 1 - clip_low, 1 + clip_high))``.
-- ``gspo_token`` (GSPO-token, same paper eq. 13; verl's ``gspo``):
+- ``gspo_token`` (the paper's GSPO-token variant; verl's ``gspo``):
   ``s_it = sg[s_i] * exp(logp_it - sg[logp_it])`` (value ``s_i``, gradient of the token's own
   log-prob), clipped like ``gspo``. With one advantage per sequence both give the same value and
   gradient; they differ when advantages vary along the sequence.
-- ``cispo`` (MiniMax-M1, arXiv 2506.13585, eq. 4): REINFORCE with a clipped, stop-gradient
+- ``cispo`` (MiniMax-M1, arXiv 2506.13585): REINFORCE with a clipped, stop-gradient
   importance weight, ``l_it = -sg[clip(r_it, 1 - clip_low, 1 + clip_high)] * A_it * logp_it``;
   every token keeps its gradient.
-- ``sapo`` (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347, eq. 5-6):
+- ``sapo`` ("Soft Adaptive Policy Optimization", arXiv 2511.20347):
   a soft gate replaces the clip, ``f(r; tau) = sigmoid(tau * (r - 1)) * 4 / tau``,
   ``l_it = -f(r_it; tau_it) * A_it`` with ``tau_it = tau_pos`` where ``A_it > 0``, else
   ``tau_neg``. The gate's slope at ``r = 1`` is 1 (the on-policy gradient is the plain policy

@@ -4,17 +4,18 @@ arXiv 2510.09285): token visual dependency, advantage shaping, and top-k token s
 Formulas as in the official code (huaixuheqing/VPPO-RL, an EasyR1 fork,
 ``verl/workers/actor/dp_actor.py`` ``update_policy`` at commit a23c54b83565):
 
-1. Visual dependency of each response token (paper section 3.1, eq. 2, estimated as the code
+1. Visual dependency of each response token (the paper's KL between the token distributions
+   with the original and the masked image, estimated as the code
    does with the sampled-token k3 estimator, from the pre-update policy's log-probs with the
    original and with the masked image):
    ``x = clamp(logp_mask - logp_orig, -20, 20)``, ``S_t = clamp(exp(x) - x - 1, 0, 10)``.
-2. Trajectory-level advantage shaping (section 3.2): the mean dependency of each sequence
+2. Trajectory-level advantage shaping: the mean dependency of each sequence
    ``s_i = sum_t S_t m_t / max(1, sum_t m_t)`` is min-max normalised over the batch,
    ``u_i = clamp((s_i - min s) / (max s - min s), 0, 1)`` (min/max over sequences with tokens), then
    mapped to ``[a, b]`` with ``a = scale_min`` (0.9) and ``b = a + (1 - a) / (mean u + 1e-8)``:
    ``w_i = a + u_i (b - a)``, so that ``mean w = 1``. ``A_i <- w_i A_i``. With fewer than two
    sequences, or ``max - min <= 1e-6``, ``w = 1``.
-3. Token-level gradient filtering (section 3.3): per sequence keep the ``k = ceil(top_frac * n)``
+3. Token-level gradient filtering: per sequence keep the ``k = ceil(top_frac * n)``
    tokens of highest ``S_t`` (``top_frac`` 0.4); the policy-gradient loss of the other tokens is
    zeroed, while the aggregation still divides by all response tokens.
 
@@ -95,7 +96,7 @@ def full_kl_from_logits(
 ) -> torch.Tensor:
     """Exact per-position ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` with ``p = softmax(
     logits_p / T)``, ``q = softmax(logits_q / T)``, over the full vocabulary (``[..., V]`` ->
-    ``[...]``, float32, no gradient): the paper's visual dependency (VPPO eq. 2) with ``p`` the
+    ``[...]``, float32, no gradient): the paper's visual dependency with ``p`` the
     original-image and ``q`` the masked-image distribution. Rows are processed in chunks like
     :mod:`vispo.algos.entropy`, so no float32 ``[..., V]`` copy of the whole batch is made."""
     from .entropy import _acc_dtype, _rows_per_chunk
