@@ -258,3 +258,66 @@ def test_full_estimator_uses_the_scored_kl(tmp_path):
     rows = torch.arange(len(adv))
     out = shaped_advantages(cfg, adv, rows, None, None, mask, dependency=dep)
     torch.testing.assert_close(out, adv * vppo_advantage_weights(dep, mask, scale_min=0.9))
+
+
+def test_on_policy_single_micro_batch_reweights_inside_the_objective():
+    """Without an old pass (exactly on-policy, one micro-batch) the objective reweights its own
+    batch: the same loss and gradient as the old pass + shaped_advantages route."""
+    old, aug, mask, adv = (t.float() for t in _batch(7))
+    cfg = objective_preset("vppo", beta=0.0)
+    a = old.clone().requires_grad_(True)
+    loss_a, m_a = compute_objective(
+        cfg, ObjectiveInputs(logp=a, advantages=adv, mask=mask, logp_mask=aug)
+    )
+    rows = torch.arange(len(adv))
+    shaped = shaped_advantages(cfg, adv, rows, old, aug, mask)
+    assert not torch.equal(shaped, adv)
+    b = old.clone().requires_grad_(True)
+    loss_b, _ = compute_objective(
+        cfg, ObjectiveInputs(logp=b, advantages=shaped, mask=mask, old_logp=old, logp_mask=aug)
+    )
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    (ga,) = torch.autograd.grad(loss_a, a)
+    (gb,) = torch.autograd.grad(loss_b, b)
+    torch.testing.assert_close(ga, gb)
+    # ... and shaped_advantages leaves it alone then (no double reweighting).
+    assert shaped_advantages(cfg, adv, rows, None, aug, mask) is adv
+
+
+@pytest.mark.parametrize("micro,expect", [(None, [1]), ("2", [2])])
+def test_vppo_needs_no_pass_beyond_papo_in_one_micro_batch(tmp_path, monkeypatch, micro, expect):
+    """The no-grad scoring call runs only the masked pass (as PAPO-G) when the update is one
+    micro-batch; with several micro-batches it adds the old-policy pass (stacked with it)."""
+    import vispo.train.update as U
+
+    calls = []
+    real = U.score
+
+    def counting(model, batch, passes, **kw):
+        if not kw.get("grad", False):
+            calls.append(len(passes))
+        return real(model, batch, passes, **kw)
+
+    monkeypatch.setattr(U, "score", counting)
+    extra = [] if micro is None else [f"train.micro_batch_size={micro}"]
+    cfg = load_config(
+        None,
+        [
+            "objective.name=vppo",
+            "objective.beta=0",
+            "model.name_or_path=tiny:qwen2_vl",
+            "data.limit=8",
+            "data.eval_size=0",
+            "train.steps=1",
+            "train.prompts_per_step=2",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            f"train.out_dir={tmp_path}",
+            "logging.progress=false",
+            "train.samples_every=0",
+            "train.save_every=0",
+            *extra,
+        ],
+    )
+    Trainer(cfg, reward_fn=RewardRunner(parity_reward, num_workers=0)).train()
+    assert calls == expect

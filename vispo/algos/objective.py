@@ -365,8 +365,9 @@ class Requirements:
     ``entropy``: the passes whose full-vocabulary entropy is needed. ``ref``: reference-model
     log-probs. ``cppo_positive_only``: the CPPO views are needed only for sequences with positive
     advantage (everything else carries no contrastive loss). ``old_logp``: the pre-update
-    policy's log-probs are needed before the update even when it is exactly on-policy (VPPO's
-    batch-level advantage reweighting). ``kl``: the variants whose full-vocabulary KL from the
+    policy's log-probs of the whole mini-batch are needed before its first micro-batch (VPPO's
+    trajectory reweighting), so the old-policy pass runs even for an exactly on-policy update
+    split into several micro-batches (in one micro-batch the objective computes it itself). ``kl``: the variants whose full-vocabulary KL from the
     original image (pre-update policy) is needed (VPPO's ``full`` estimator).
     """
 
@@ -418,15 +419,19 @@ def shaped_advantages(
 ) -> torch.Tensor:
     """The advantages with the ``rows`` of one mini-batch reweighted by VPPO's trajectory
     dependency (:func:`vppo_advantage_weights` over those rows); unchanged without VPPO.
-    ``dependency``: the full-vocabulary KL ``[B, T]`` (``vppo_estimator='full'``)."""
+    ``dependency``: the full-vocabulary KL ``[B, T]`` (``vppo_estimator='full'``).
+    ``old_logp`` None (an exactly on-policy update in one micro-batch): unchanged, and
+    :func:`compute_objective` reweights that micro-batch, which is the whole mini-batch."""
     if cfg.vppo_scale_min is None:
         return advantages
     if cfg.vppo_estimator == "full":
         if dependency is None:
             raise ValueError("vppo_estimator='full' needs the full-vocabulary KL (dependency)")
         dep = dependency[rows]
-    elif old_logp is None or logp_mask is None:
-        raise ValueError("objective.vppo_scale_min needs old-policy and masked-image log-probs")
+    elif old_logp is None:
+        return advantages
+    elif logp_mask is None:
+        raise ValueError("objective.vppo_scale_min needs masked-image log-probs")
     else:
         dep = visual_dependency(old_logp[rows], logp_mask[rows])
     weights = vppo_advantage_weights(dep, mask[rows], scale_min=cfg.vppo_scale_min)
@@ -537,6 +542,11 @@ def compute_objective(
         else:
             dependency = visual_dependency(old, x.logp_mask)
         metrics["perception/dependency_mean"] = masked_mean(dependency, mask)
+        if cfg.vppo_scale_min is not None and x.old_logp is None and x.dependency is None:
+            # On-policy in one micro-batch (no old pass was scored): this batch is the mini-batch,
+            # so the trajectory reweighting is computed here (else by shaped_advantages).
+            w = vppo_advantage_weights(dependency, mask, scale_min=cfg.vppo_scale_min)
+            advantages = advantages * (w if advantages.ndim == 1 else w[:, None])
         if cfg.vppo_top_frac is not None:  # zero advantage = no policy gradient on the token
             selected = vppo_token_mask(dependency, mask, top_frac=cfg.vppo_top_frac)
             adv = advantages if advantages.ndim == 2 else advantages[:, None]

@@ -53,7 +53,9 @@ def score_fixed(
     autocast: torch.dtype | None = None,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
-    on_policy = on_policy and not req.old_logp and not req.kl
+    # VPPO: the reweighting needs the pre-update log-probs of the whole mini-batch before its
+    # first micro-batch (one micro-batch computes it itself); the full KL needs the original pass.
+    on_policy = on_policy and not req.kl and not (req.old_logp and micro_batch < len(batch))
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
     flags = ([] if on_policy else [False]) + [name in req.entropy for name in fixed]
     kl_flags = ([] if on_policy else [False]) + [name in req.kl for name in fixed]
