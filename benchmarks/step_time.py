@@ -388,7 +388,9 @@ def main() -> None:
         help="cpu: issue 7's standard workload; gpu: the larger GPU variant (results in "
         "step_time_gpu.md)",
     )
-    p.add_argument("--presets", default="grpo,dapo,papo_g,papo_d,cppo")
+    p.add_argument(
+        "--presets", default="grpo,dapo,papo_g,papo_d,cppo,gspo,sapo,cispo,vppo,noisyrollout"
+    )
     p.add_argument(
         "--steps", type=int, default=3, help="measured steps per preset (after 1 warm-up)"
     )

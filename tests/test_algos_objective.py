@@ -44,6 +44,13 @@ def test_presets_match_algorithms_table():
             clip_high=0.2, beta=0.01, cpl_lambda=0.01, cpl_tau=0.1, cpl_top_frac=0.5, cpl_gate=True
         ),
         "dr_grpo": dict(adv_scale="none", clip_high=0.2, beta=0.0, agg="seq-mean-token-sum-norm"),
+        "gspo": dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, beta=0.0),
+        "sapo": dict(policy_loss="sapo", tau_pos=1.0, tau_neg=1.05, beta=0.0),
+        "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
+        "noisyrollout": dict(beta=0.01, clip_high=0.3, noisy_frac=0.5, noisy_t0=500),
+        "vppo": dict(
+            vppo_top_frac=0.4, vppo_scale_min=0.9, mask_ratio=0.5, eta_orig=0.06, beta=0.01
+        ),
     }
     assert set(expect) == set(PRESETS)
     for name, fields in expect.items():

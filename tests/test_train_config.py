@@ -87,6 +87,18 @@ def test_help_lists_every_field_with_help():
 
 
 def test_shipped_presets_load():
-    for name in ("grpo", "dapo", "dr_grpo", "papo_g", "papo_d", "cppo"):
+    for name in (
+        "grpo",
+        "dapo",
+        "dr_grpo",
+        "papo_g",
+        "papo_d",
+        "cppo",
+        "gspo",
+        "sapo",
+        "cispo",
+        "noisyrollout",
+        "vppo",
+    ):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.objective.name == name

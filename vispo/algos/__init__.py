@@ -18,7 +18,9 @@ from .entropy import (
     sampled_entropy,
     selective_log_softmax,
 )
+from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate
 from .kl import full_kl, kl_estimate
+from .noisy_rollout import noise_decay, noisy_rollout_scales
 from .objective import (
     OBJECTIVE_TERMS,
     PRESETS,
@@ -27,9 +29,11 @@ from .objective import (
     Requirements,
     aggregate_total,
     compute_objective,
+    noisy_rollout_plan,
     objective_preset,
     register_term,
     requirements,
+    shaped_advantages,
 )
 from .perception import (
     double_entropy_loss,
@@ -39,14 +43,25 @@ from .perception import (
     top_fraction_mask,
 )
 from .policy import ppo_clip_loss
+from .policy_losses import POLICY_LOSSES, policy_loss
+from .vppo import (
+    full_kl_from_logits,
+    sequence_dependency,
+    visual_dependency,
+    vppo_advantage_weights,
+    vppo_token_mask,
+)
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "OBJECTIVE_TERMS",
+    "POLICY_LOSSES",
     "PRESETS",
     "ObjectiveConfig",
     "ObjectiveInputs",
     "Requirements",
+    "advantage_estimate",
     "aggregate",
     "aggregate_total",
     "compute_objective",
@@ -57,19 +72,29 @@ __all__ = [
     "entropy_from_logits",
     "logp_and_entropy",
     "full_kl",
+    "full_kl_from_logits",
     "group_advantages",
     "kl_estimate",
     "linear_anneal",
     "masked_mean",
+    "noise_decay",
+    "noisy_rollout_plan",
+    "noisy_rollout_scales",
     "objective_preset",
     "overlong_penalty",
     "papo_perception_loss",
     "perception_kl",
+    "policy_loss",
     "ppo_clip_loss",
     "register_term",
     "requirements",
     "sampled_entropy",
     "selective_log_softmax",
+    "sequence_dependency",
+    "shaped_advantages",
+    "visual_dependency",
+    "vppo_advantage_weights",
+    "vppo_token_mask",
     "top_fraction_mask",
     "zero_std_group_fraction",
 ]

@@ -25,9 +25,12 @@ import torch
 from .aggregate import AGG_MODES, aggregate, masked_mean
 from .contrastive import CPL_ESTIMATORS, contrastive_perception_loss, cppo_perception_mask
 from .entropy import sampled_entropy
+from .estimators import ADVANTAGE_ESTIMATORS
 from .kl import KL_ESTIMATORS, kl_estimate
+from .noisy_rollout import NOISE_ANNEAL, noisy_rollout_scales
 from .perception import double_entropy_loss, linear_anneal, papo_perception_loss
-from .policy import ppo_clip_loss
+from .policy_losses import POLICY_LOSSES, policy_loss
+from .vppo import VPPO_ESTIMATORS, visual_dependency, vppo_advantage_weights, vppo_token_mask
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
 _WARNED: set[str] = set()  # one-time warnings already shown in this process
@@ -110,6 +113,55 @@ class ObjectiveConfig:
     )
     cpl_blur: bool = _f(False, "CPPO: include Gaussian blur among the preserving views.")
 
+    # Policy-loss variants and advantage estimators (vispo.algos.policy_losses / estimators).
+    policy_loss: str = _f(
+        "ppo",
+        f"Policy loss, one of {POLICY_LOSSES}: PPO-clip; GSPO (Zheng et al. 2025, sequence ratio) "
+        "or its token form; CISPO (MiniMax-M1 2025, clipped stop-gradient IS weight); SAPO "
+        "(arXiv 2511.20347, soft gate).",
+    )
+    tau_pos: float = _f(1.0, "SAPO: gate temperature for positive advantages (paper: 1.0).")
+    tau_neg: float = _f(1.05, "SAPO: gate temperature for non-positive advantages (paper: 1.05).")
+    advantage: str = _f(
+        "grpo",
+        f"Advantage estimator, one of {ADVANTAGE_ESTIMATORS}: GRPO (adv_scale applies), RLOO "
+        "(leave-one-out), REINFORCE++ (batch-whitened, Hu 2025) with or without the group mean.",
+    )
+
+    # VPPO (Huang et al. 2025, arXiv 2510.09285): reuses PAPO's masked image (mask_ratio).
+    vppo_top_frac: float | None = _f(
+        None,
+        "VPPO: restrict the policy gradient to this top fraction of tokens per sequence by visual "
+        "dependency (KL between the original- and masked-image distributions; paper: 0.4).",
+    )
+    vppo_scale_min: float | None = _f(
+        None,
+        "VPPO: reweight each trajectory's advantage by its mean visual dependency, mapped to "
+        "[scale_min, b] with mean 1 (paper: 0.9). None: no reweighting.",
+    )
+    vppo_estimator: str = _f(
+        "k3",
+        "VPPO: visual dependency estimator, 'k3' (sampled token, the official code) or 'full' "
+        "(full-vocabulary KL, the paper's equation; one no-grad original pass more).",
+    )
+
+    # NoisyRollout (Liu et al. 2025, arXiv 2504.13055): rollouts only; scoring uses clean images.
+    noisy_frac: float = _f(
+        0.0,
+        "NoisyRollout: share of each group rolled out on a noised copy of the image (paper: "
+        "half); the responses are scored and updated against the clean image. 0 = off.",
+    )
+    noisy_t0: int = _f(
+        500, "NoisyRollout: initial diffusion noise step (of 1000; official: 500 Geo3K, 450 K12)."
+    )
+    noisy_anneal: str = _f(
+        "sigmoid", f"NoisyRollout: noise annealing over training, one of {NOISE_ANNEAL}."
+    )
+    noisy_anneal_coef: float = _f(30.0, "NoisyRollout: sigmoid annealing steepness (official 30).")
+    noisy_anneal_mid: float = _f(
+        0.65, "NoisyRollout: training fraction where the sigmoid decay is 1/2 (official ~40/62)."
+    )
+
     extra_terms: dict[str, dict] = _f(
         None,
         "Registered extra terms: {name: {weight: w, ...params}} (see register_term).",
@@ -128,6 +180,10 @@ class ObjectiveConfig:
             "entropy_estimator": ENTROPY_ESTIMATORS,
             "cpl_estimator": CPL_ESTIMATORS,
             "cpl_select": ("perception", "all"),
+            "policy_loss": POLICY_LOSSES,
+            "advantage": ADVANTAGE_ESTIMATORS,
+            "noisy_anneal": NOISE_ANNEAL,
+            "vppo_estimator": VPPO_ESTIMATORS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -145,6 +201,24 @@ class ObjectiveConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.noisy_frac <= 1.0:
+            raise ValueError(f"objective.noisy_frac must be in [0, 1], got {self.noisy_frac}")
+        if not 0 <= self.noisy_t0 < 1000:
+            raise ValueError(f"objective.noisy_t0 must be in [0, 1000), got {self.noisy_t0}")
+        if self.vppo_top_frac is not None and not 0.0 < self.vppo_top_frac <= 1.0:
+            raise ValueError(f"objective.vppo_top_frac must be in (0, 1], got {self.vppo_top_frac}")
+        if self.vppo_scale_min is not None and not 0.0 <= self.vppo_scale_min <= 1.0:
+            raise ValueError(
+                f"objective.vppo_scale_min must be in [0, 1], got {self.vppo_scale_min}"
+            )
+        if self.uses_vppo and self.uses_papo and self.masked_grad:
+            raise ValueError(
+                "objective.vppo_* needs the masked pass scored once with the pre-update policy: "
+                "set objective.masked_grad=false"
+            )
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"objective.{name} must be > 0, got {getattr(self, name)}")
         if self.gamma_end is not None and self.gamma_end < 0:
             raise ValueError(f"objective.gamma_end must be >= 0, got {self.gamma_end}")
         if not 0.0 < self.mask_ratio <= 1.0:
@@ -192,6 +266,10 @@ class ObjectiveConfig:
     def uses_cppo(self) -> bool:
         return self.cpl_lambda > 0
 
+    @property
+    def uses_vppo(self) -> bool:
+        return self.vppo_top_frac is not None or self.vppo_scale_min is not None
+
 
 # Section 10 of algorithms.md. PAPO-G here is the 3B recipe (no entropy terms); the 7B recipe
 # adds eta_orig = eta_mask = 0.05.
@@ -222,6 +300,36 @@ PRESETS: dict[str, dict] = {
         cpl_top_frac=0.5,
         cpl_gate=True,
     ),
+    # GSPO (Zheng et al. 2025; verl examples/gspo_trainer): clip 3e-4/4e-4 on the
+    # sequence ratio, sequence-mean aggregation, no KL.
+    "gspo": dict(
+        policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, beta=0.0, agg="seq-mean-token-mean"
+    ),
+    # SAPO (arXiv 2511.20347; verl examples/sapo_trainer): tau 1.0/1.05, no clip, no KL loss.
+    "sapo": dict(
+        policy_loss="sapo", tau_pos=1.0, tau_neg=1.05, beta=0.0, agg="seq-mean-token-mean"
+    ),
+    # CISPO (MiniMax-M1, arXiv 2506.13585): only the upper bound of the IS weight binds (verl's
+    # example: clip_ratio_low=10, clip_ratio_high=0.2), token-mean.
+    "cispo": dict(policy_loss="cispo", clip_low=10.0, clip_high=0.2, beta=0.001),
+    # VPPO (arXiv 2510.09285; VPPO-RL examples/configs/train_vppo_7b.sh + config.yaml): top 40%
+    # tokens, advantage scaling from 0.9, masked image with patch probability 0.5, sampled-token
+    # entropy penalty 0.06, KL loss 0.01, clip 0.2/0.28.
+    "vppo": dict(
+        adv_scale="group",
+        clip_low=0.2,
+        clip_high=0.28,
+        beta=0.01,
+        vppo_top_frac=0.4,
+        vppo_scale_min=0.9,
+        mask_ratio=0.5,
+        eta_orig=0.06,
+    ),
+    # NoisyRollout (arXiv 2504.13055; NUS-TRAIL/NoisyRollout training_scripts): GRPO with half of
+    # each group on noised images, diffusion step 500 annealed by a sigmoid (coef 30), KL loss 0.01.
+    "noisyrollout": dict(
+        adv_scale="group", clip_low=0.2, clip_high=0.3, beta=0.01, noisy_frac=0.5, noisy_t0=500
+    ),
 }
 
 
@@ -234,6 +342,20 @@ def objective_preset(name: str, **overrides) -> ObjectiveConfig:
     return ObjectiveConfig(name=name, **{**PRESETS[name], **overrides})
 
 
+def noisy_rollout_plan(cfg: ObjectiveConfig, n: int, progress: float) -> dict:
+    """NoisyRollout's rollout for one step: ``n_noisy`` of the ``n`` responses per prompt on
+    images scaled by ``signal`` with Gaussian noise of std ``noise_std`` (0 noisy when off)."""
+    n_noisy = int(round(cfg.noisy_frac * n))
+    signal, noise_std = noisy_rollout_scales(
+        progress,
+        t0=cfg.noisy_t0,
+        mode=cfg.noisy_anneal,
+        coef=cfg.noisy_anneal_coef,
+        mid=cfg.noisy_anneal_mid,
+    )
+    return dict(n_noisy=n_noisy, signal=signal, noise_std=noise_std)
+
+
 @dataclass(frozen=True)
 class Requirements:
     """Which passes the trainer must run for an objective.
@@ -242,13 +364,19 @@ class Requirements:
     pre-update policy, no gradient) or ``"grad"`` (recomputed with gradient in the update).
     ``entropy``: the passes whose full-vocabulary entropy is needed. ``ref``: reference-model
     log-probs. ``cppo_positive_only``: the CPPO views are needed only for sequences with positive
-    advantage (everything else carries no contrastive loss).
+    advantage (everything else carries no contrastive loss). ``old_logp``: the pre-update
+    policy's log-probs of the whole mini-batch are needed before its first micro-batch (VPPO's
+    trajectory reweighting), so the old-policy pass runs even for an exactly on-policy update
+    split into several micro-batches (in one micro-batch the objective computes it itself). ``kl``: the variants whose full-vocabulary KL from the
+    original image (pre-update policy) is needed (VPPO's ``full`` estimator).
     """
 
     variants: dict[str, str]
     entropy: frozenset[str]
     ref: bool
     cppo_positive_only: bool
+    old_logp: bool = False
+    kl: frozenset[str] = frozenset()
 
 
 def requirements(cfg: ObjectiveConfig) -> Requirements:
@@ -263,6 +391,8 @@ def requirements(cfg: ObjectiveConfig) -> Requirements:
                 entropy.add("mask")
     elif cfg.eta_orig > 0 and cfg.entropy_estimator == "full":
         entropy.add("orig")
+    if cfg.uses_vppo:  # the dependency is measured with the pre-update policy (official code)
+        variants["mask"] = "fixed"
     if cfg.uses_cppo:
         variants["pos"] = "grad"
         variants["neg"] = "grad"
@@ -273,7 +403,41 @@ def requirements(cfg: ObjectiveConfig) -> Requirements:
         entropy=frozenset(entropy),
         ref=cfg.beta > 0,
         cppo_positive_only=cfg.uses_cppo and cfg.cpl_gate,
+        old_logp=cfg.vppo_scale_min is not None,
+        kl=frozenset({"mask"}) if cfg.uses_vppo and cfg.vppo_estimator == "full" else frozenset(),
     )
+
+
+def shaped_advantages(
+    cfg: ObjectiveConfig,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    logp_mask: torch.Tensor | None,
+    mask: torch.Tensor,
+    dependency: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The advantages with the ``rows`` of one mini-batch reweighted by VPPO's trajectory
+    dependency (:func:`vppo_advantage_weights` over those rows); unchanged without VPPO.
+    ``dependency``: the full-vocabulary KL ``[B, T]`` (``vppo_estimator='full'``).
+    ``old_logp`` None (an exactly on-policy update in one micro-batch): unchanged, and
+    :func:`compute_objective` reweights that micro-batch, which is the whole mini-batch."""
+    if cfg.vppo_scale_min is None:
+        return advantages
+    if cfg.vppo_estimator == "full":
+        if dependency is None:
+            raise ValueError("vppo_estimator='full' needs the full-vocabulary KL (dependency)")
+        dep = dependency[rows]
+    elif old_logp is None:
+        return advantages
+    elif logp_mask is None:
+        raise ValueError("objective.vppo_scale_min needs masked-image log-probs")
+    else:
+        dep = visual_dependency(old_logp[rows], logp_mask[rows])
+    weights = vppo_advantage_weights(dep, mask[rows], scale_min=cfg.vppo_scale_min)
+    out = advantages.clone()
+    out[rows] = advantages[rows] * (weights if advantages.ndim == 1 else weights[:, None])
+    return out
 
 
 @dataclass
@@ -302,6 +466,7 @@ class ObjectiveInputs:
     full_logp: torch.Tensor | None = None  # [B, T, V], CPPO "full" estimator only
     full_logp_pos: torch.Tensor | None = None
     full_logp_neg: torch.Tensor | None = None
+    dependency: torch.Tensor | None = None  # VPPO 'full': KL(pi(.|I) || pi(.|I_mask)), no grad
 
 
 def aggregate_total(mask: torch.Tensor, mode: str, horizon: int | None = None) -> torch.Tensor:
@@ -366,15 +531,39 @@ def compute_objective(
     agg = dict(horizon=cfg.horizon, total=total)
     old = x.logp.detach() if x.old_logp is None else x.old_logp
     metrics: dict[str, torch.Tensor] = {}
+    advantages = x.advantages
+    if cfg.uses_vppo:
+        if cfg.vppo_estimator == "full":
+            if x.dependency is None:
+                raise ValueError("vppo_estimator='full' needs the full-vocabulary KL (dependency)")
+            dependency = x.dependency
+        elif x.logp_mask is None:
+            raise ValueError("objective.vppo_* needs masked-image log-probs (logp_mask)")
+        else:
+            dependency = visual_dependency(old, x.logp_mask)
+        metrics["perception/dependency_mean"] = masked_mean(dependency, mask)
+        if cfg.vppo_scale_min is not None and x.old_logp is None and x.dependency is None:
+            # On-policy in one micro-batch (no old pass was scored): this batch is the mini-batch,
+            # so the trajectory reweighting is computed here (else by shaped_advantages).
+            w = vppo_advantage_weights(dependency, mask, scale_min=cfg.vppo_scale_min)
+            advantages = advantages * (w if advantages.ndim == 1 else w[:, None])
+        if cfg.vppo_top_frac is not None:  # zero advantage = no policy gradient on the token
+            selected = vppo_token_mask(dependency, mask, top_frac=cfg.vppo_top_frac)
+            adv = advantages if advantages.ndim == 2 else advantages[:, None]
+            advantages = adv * selected
+            metrics["perception/vppo_selected_frac"] = masked_mean(selected.float(), mask)
 
-    policy, clip_metrics = ppo_clip_loss(
+    policy, clip_metrics = policy_loss(
+        cfg.policy_loss,
         x.logp,
         old,
-        x.advantages,
+        advantages,
         mask,
         clip_low=cfg.clip_low,
         clip_high=cfg.clip_high,
         dual_clip=cfg.dual_clip,
+        tau_pos=cfg.tau_pos,
+        tau_neg=cfg.tau_neg,
         agg=cfg.agg,
         **agg,
     )

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from PIL import Image
 
-from vispo.algos import logp_and_entropy, selective_log_softmax
+from vispo.algos import full_kl_from_logits, logp_and_entropy, selective_log_softmax
 from vispo.models.layout import PixelLayout, concat_pixels, index_pixels, layout_for
 from vispo.models.prefix import shared_prefix_logits
 
@@ -203,10 +203,12 @@ class Scores:
 
     ``logp``: ``[B, T]`` float32 log-probs of the response tokens (0 where the response mask
     is 0). ``entropy``: ``[B, T]`` float32 full-vocabulary entropies (0 where masked), or None.
+    ``kl``: ``[B, T]`` float32 full-vocabulary KL(first variant || this one) (VPPO), or None.
     """
 
     logp: torch.Tensor
     entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
 
 
 def _as_index(index: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -535,6 +537,7 @@ def score(
     micro_batch_size: int | None = None,
     autocast: torch.dtype | None = None,
     shared_prefix: bool = False,
+    kl_to_first: Sequence[bool] | None = None,
 ) -> list[Scores]:
     """Teacher-forced per-token log-probs (and entropies) of the responses, per image variant.
 
@@ -558,6 +561,8 @@ def score(
         shared_prefix: run each distinct prompt (image included) once per variant and the
             responses against its KV cache (:mod:`vispo.models.prefix`) instead of repeating
             the prompt for every sequence. Same scores up to float rounding.
+        kl_to_first: one flag per variant: also return the full-vocabulary KL from the first
+            variant's distribution to this one's (no gradient; VPPO's visual dependency).
 
     Returns:
         One :class:`Scores` per variant, in order; masked positions hold 0.
@@ -579,6 +584,10 @@ def score(
     ]
     size = len(batch) if micro_batch_size is None else micro_batch_size
     logps: list[list[torch.Tensor]] = [[] for _ in variants]
+    kl_flags = [False] * len(variants) if kl_to_first is None else list(kl_to_first)
+    if len(kl_flags) != len(variants):
+        raise ValueError(f"kl_to_first has {len(kl_flags)} flags for {len(variants)} variants")
+    kls: list[list[torch.Tensor]] = [[] for _ in variants]
     ents: list[list[torch.Tensor]] = [[] for _ in variants]
     context = contextlib.nullcontext() if grad else torch.no_grad()
     with context:
@@ -596,10 +605,14 @@ def score(
                 else:
                     logp = selective_log_softmax(variant_logits, targets, **kw)
                 logps[k].append(torch.where(mask, logp, torch.zeros_like(logp)))
+                if kl_flags[k]:
+                    kl = full_kl_from_logits(logits[0].detach(), variant_logits.detach(), **kw)
+                    kls[k].append(torch.where(mask, kl, torch.zeros_like(kl)))
     return [
         Scores(
             logp=torch.cat(logps[k], dim=0),
             entropy=torch.cat(ents[k], dim=0) if flags[k] else None,
+            kl=torch.cat(kls[k], dim=0) if kl_flags[k] else None,
         )
         for k in range(len(variants))
     ]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vispo.algos import dynamic_sampling_keep, group_advantages, zero_std_group_fraction
+from vispo.algos import advantage_estimate, dynamic_sampling_keep, zero_std_group_fraction
 from vispo.models.scoring import (
     PromptBatch,
     ScoringBatch,
@@ -22,7 +22,14 @@ from vispo.models.scoring import (
     encode_prompts,
     pixel_inputs,
 )
-from vispo.vision import info_preserving, info_removing, random_patch_mask, resize_to_budget
+from vispo.rollout.hf import Rollout
+from vispo.vision import (
+    gaussian_noise,
+    info_preserving,
+    info_removing,
+    random_patch_mask,
+    resize_to_budget,
+)
 
 
 @dataclasses.dataclass
@@ -123,7 +130,13 @@ def keep_informative(groups: list[Group], low: float, high: float) -> list[bool]
 
 
 def assemble(
-    processor, groups: list[Group], *, prompts: PromptBatch | None, scale: str, eps: float
+    processor,
+    groups: list[Group],
+    *,
+    prompts: PromptBatch | None,
+    scale: str,
+    eps: float,
+    estimator: str = "grpo",
 ) -> StepBatch:
     """Pad responses, build the scoring batch and the advantages of the kept groups.
 
@@ -139,7 +152,9 @@ def assemble(
     batch = build_scoring_batch(prompts, ids, repeats=n, response_mask=mask)
     rewards = torch.cat([g.rewards for g in groups])
     group_ids = torch.arange(len(groups)).repeat_interleave(n)
-    advantages = group_advantages(rewards, group_ids, scale=scale, eps=eps)
+    advantages = advantage_estimate(
+        estimator, rewards, group_ids, lengths=mask.sum(-1), scale=scale, eps=eps
+    )
     return StepBatch(
         groups=groups, prompts=prompts, batch=batch, rewards=rewards, advantages=advantages
     )
@@ -187,6 +202,82 @@ def draw_variants(
     step.variants = {
         name: pixel_inputs(processor, images[name], reference=step.prompts) for name in names
     }
+
+
+def noised_images(
+    images: list[list[Image.Image]],
+    keys: list[tuple[int, ...]],
+    seed: int,
+    *,
+    signal: float,
+    noise_std: float,
+) -> list[list[Image.Image]]:
+    """NoisyRollout's rollout images: each image scaled by ``signal`` and given Gaussian noise of
+    std ``noise_std`` (in units of the [0, 1] pixel range), one draw per prompt shared by its noisy
+    rollouts, from :func:`prompt_rng` stream 2 (0: the scoring variants, 1: rollout seeds)."""
+    out = []
+    for per_prompt, key in zip(images, keys):
+        rng = prompt_rng(seed, key, 2)
+        noisy = []
+        for img in per_prompt:
+            scaled = np.rint(np.asarray(img.convert("RGB"), dtype=np.float64) * signal)
+            noisy.append(
+                gaussian_noise(Image.fromarray(scaled.astype(np.uint8)), rng, strength=noise_std)
+            )
+        out.append(noisy)
+    return out
+
+
+def interleave_rollouts(clean: Rollout | None, noisy: Rollout, pad_id: int) -> Rollout:
+    """One rollout whose group ``i`` is prompt ``i``'s clean responses, then its noisy ones."""
+    parts = [r for r in (clean, noisy) if r is not None]
+    P = len(noisy) // noisy.n
+    T = max(r.response_ids.shape[1] for r in parts)
+    rows = [(r, i * r.n + j) for i in range(P) for r in parts for j in range(r.n)]
+
+    def stack(name: str, value=None) -> torch.Tensor:
+        ts = [getattr(r, name)[k] for r, k in rows]
+        if value is not None:
+            ts = [torch.nn.functional.pad(t, (0, T - t.shape[0]), value=value) for t in ts]
+        return torch.stack(ts)
+
+    n = sum(r.n for r in parts)
+    return Rollout(
+        response_ids=stack("response_ids", pad_id),
+        response_mask=stack("response_mask", 0.0),
+        lengths=stack("lengths"),
+        stopped=stack("stopped"),
+        texts=[r.texts[k] for r, k in rows],
+        n=n,
+        prompt_index=torch.arange(P).repeat_interleave(n),
+    )
+
+
+def mixed_rollout(
+    generate,
+    processor,
+    prompts: PromptBatch,
+    messages: list,
+    images: list[list[Image.Image]],
+    keys: list[tuple[int, ...]],
+    *,
+    seed: int,
+    n: int,
+    n_noisy: int,
+    signal: float,
+    noise_std: float,
+) -> Rollout:
+    """NoisyRollout: ``n - n_noisy`` responses per prompt on the clean image, ``n_noisy`` on a
+    noised copy (``generate(prompts, keys, n)`` is the trainer's rollout). The responses are later
+    scored and updated against the clean image, like every other."""
+    if n_noisy <= 0:
+        return generate(prompts, keys, n)
+    clean = generate(prompts, keys, n - n_noisy) if n_noisy < n else None
+    noisy_prompts = encode_prompts(
+        processor, messages, noised_images(images, keys, seed, signal=signal, noise_std=noise_std)
+    )
+    noisy = generate(noisy_prompts, [(*k, 1) for k in keys], n_noisy)
+    return interleave_rollouts(clean, noisy, prompts.pad_token_id)
 
 
 def trim_left_padding(prompts: PromptBatch) -> PromptBatch:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vispo.algos import overlong_penalty, requirements
+from vispo.algos import noisy_rollout_plan, overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.prefix import shared_prefix_unsupported
 from vispo.models.scoring import encode_prompts
@@ -272,7 +272,17 @@ class Trainer:
             ta = time.perf_counter()
             prompts = encode_prompts(self.processor, messages, images)
             with gathered(self.model):  # ZeRO-3: full weights to generate
-                rollout = self._rollout(prompts, keys)
+                rollout = B.mixed_rollout(  # NoisyRollout: a share of each group on noised images
+                    self._rollout,
+                    self.processor,
+                    prompts,
+                    messages,
+                    images,
+                    keys,
+                    seed=cfg.train.seed,
+                    n=cfg.rollout.n,
+                    **noisy_rollout_plan(ocfg, cfg.rollout.n, self.step_count / cfg.train.steps),
+                )
             tb = time.perf_counter()
             per_seq = [s for s in samples for _ in range(cfg.rollout.n)]
             result = self.reward(
@@ -311,15 +321,20 @@ class Trainer:
         kept = kept[:target]
         prompts = reuse_prompts if reuse_prompts is not None and len(kept) == len(groups) else None
         step = B.assemble(
-            self.processor, kept, prompts=prompts, scale=ocfg.adv_scale, eps=ocfg.adv_eps
+            self.processor,
+            kept,
+            prompts=prompts,
+            scale=ocfg.adv_scale,
+            eps=ocfg.adv_eps,
+            estimator=ocfg.advantage,
         )
         return step, rounds, len(kept) / max(seen, 1)
 
-    def _rollout(self, prompts, keys):
+    def _rollout(self, prompts, keys, n=None):
         """n responses per prompt; batch-invariant mode seeds each prompt on its own."""
         r = self.cfg.rollout
         kw = dict(
-            n=r.n,
+            n=r.n if n is None else n,
             max_new_tokens=r.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,

@@ -16,7 +16,13 @@ import math
 
 import torch
 
-from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
+from vispo.algos import (
+    ObjectiveInputs,
+    Requirements,
+    aggregate_total,
+    compute_objective,
+    shaped_advantages,
+)
 from vispo.models.scoring import ScoringBatch, score
 from vispo.train import deepspeed as ds
 from vispo.train.dist import Dist
@@ -29,6 +35,7 @@ class FixedScores:
     ref_logp: torch.Tensor | None
     variant_logp: dict[str, torch.Tensor]  # "fixed" variants
     variant_entropy: dict[str, torch.Tensor]
+    variant_kl: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # VPPO 'full'
 
 
 def score_fixed(
@@ -47,9 +54,13 @@ def score_fixed(
     shared_prefix: bool = False,
 ) -> FixedScores:
     fixed = [name for name, mode in req.variants.items() if mode == "fixed"]
+    # VPPO: the reweighting needs the pre-update log-probs of the whole mini-batch before its
+    # first micro-batch (one micro-batch computes it itself); the full KL needs the original pass.
+    on_policy = on_policy and not req.kl and not (req.old_logp and micro_batch < len(batch))
     passes: list = ([] if on_policy else [None]) + [variants[name] for name in fixed]
     flags = ([] if on_policy else [False]) + [name in req.entropy for name in fixed]
-    old_logp, variant_logp, variant_entropy = None, {}, {}
+    kl_flags = ([] if on_policy else [False]) + [name in req.kl for name in fixed]
+    old_logp, variant_logp, variant_entropy, variant_kl = None, {}, {}, {}
     if passes:
         was_training = model.training
         model.eval()
@@ -64,6 +75,7 @@ def score_fixed(
             micro_batch_size=micro_batch,
             autocast=autocast,
             shared_prefix=shared_prefix,
+            kl_to_first=kl_flags,
         )
         model.train(was_training)
         if not on_policy:
@@ -72,6 +84,8 @@ def score_fixed(
             variant_logp[name] = s.logp
             if s.entropy is not None:
                 variant_entropy[name] = s.entropy
+            if s.kl is not None:
+                variant_kl[name] = s.kl
     ref_logp = None
     if req.ref:
         with ref_context():
@@ -85,7 +99,7 @@ def score_fixed(
                 autocast=autocast,
                 shared_prefix=shared_prefix,
             )[0].logp
-    return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy)
+    return FixedScores(old_logp, ref_logp, variant_logp, variant_entropy, variant_kl)
 
 
 class MetricSums:
@@ -177,6 +191,15 @@ def ppo_update(
                 else None
             )
             micro = list(mb.split(micro_batch))
+            mb_adv = shaped_advantages(  # VPPO: per-trajectory reweighting over the mini-batch
+                ocfg,
+                adv,
+                mb,
+                fixed.old_logp,
+                fixed.variant_logp.get("mask"),
+                batch.response_mask,
+                dependency=fixed.variant_kl.get("mask"),
+            )
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
             for k, idx in enumerate(micro):
@@ -185,7 +208,7 @@ def ppo_update(
                     model,
                     sub,
                     idx,
-                    adv,
+                    mb_adv,
                     step.variants,
                     fixed,
                     req,
@@ -335,6 +358,7 @@ def _forward(
         logp_mask=logp_mask,
         entropy=orig.entropy,
         entropy_mask=entropy_mask,
+        dependency=fixed_rows(fixed.variant_kl, "mask"),
     )
     if cppo:
         rows = (
