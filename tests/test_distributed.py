@@ -1,7 +1,9 @@
 """Two CPU ranks (gloo, torchrun) give the one-process update on the same global batch.
 
-Each run is tests/dist_worker.py: PAPO-G on a tiny Qwen2-VL, 4 prompts x 3 rollouts per step,
-batch-invariant rollouts (each prompt seeded on its own), so both layouts see the same samples.
+Each run is tests/dist_worker.py: a preset (PAPO-G, CPPO, DAPO) on a tiny Qwen2-VL, 4 prompts x
+3 rollouts per step, batch-invariant rollouts (each prompt seeded on its own), so both layouts
+see the same samples. DAPO runs with a scripted reward that makes its dynamic sampling keep
+groups across rounds and ranks (dist_worker.ScriptedReward).
 """
 
 import json
@@ -15,17 +17,20 @@ import pytest
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-COMPARED = [
-    "loss/total",
-    "loss/policy",
-    "loss/ref_kl",
-    "loss/perception_kl",
-    "reward/mean",
-    "perception/kl_mean",
-    "grad_norm",
-    "entropy/orig",
-    "clip/high",
-]
+COMMON = ["loss/total", "loss/policy", "reward/mean", "grad_norm", "entropy/orig", "clip/high"]
+# PAPO-G's (test_deepspeed.py compares the same ones).
+COMPARED = COMMON + ["loss/ref_kl", "loss/perception_kl", "perception/kl_mean"]
+PRESET_COMPARED = {
+    "papo_g": COMPARED,
+    "cppo": COMMON + ["loss/ref_kl", "loss/cpl", "perception/selected_frac"],
+    "dapo": COMMON
+    + ["dynamic_sampling/rounds", "dynamic_sampling/kept_frac", "dynamic_sampling/groups_short"],
+}
+ARGS = {
+    "papo_g": [],
+    "cppo": ["--preset", "cppo"],
+    "dapo": ["--preset", "dapo", "--reward", "scripted"],
+}
 
 
 def free_port() -> int:
@@ -58,27 +63,56 @@ def _run(out: Path, *args: str, ranks: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    _run(out)
-    return json.loads((out / "history.json").read_text()), load_file(str(out / "final.safetensors"))
+def single_runs(tmp_path_factory):
+    """The one-process run of each preset (run once, on first use)."""
+    runs = {}
+
+    def get(preset):
+        if preset not in runs:
+            out = tmp_path_factory.mktemp(f"single-{preset}")
+            _run(out, *ARGS[preset])
+            runs[preset] = (
+                json.loads((out / "history.json").read_text()),
+                load_file(str(out / "final.safetensors")),
+                json.loads((out / "trained-rank0.json").read_text()),
+            )
+        return runs[preset]
+
+    return get
 
 
-def _assert_same(history, weights, reference):
-    ref_history, ref_weights = reference
+@pytest.fixture()
+def single(single_runs):
+    return single_runs("papo_g")
+
+
+def _assert_same(history, weights, reference, preset="papo_g"):
+    ref_history, ref_weights = reference[:2]
     assert [m["step"] for m in history] == [m["step"] for m in ref_history][-len(history) :]
     for got, want in zip(history, ref_history[-len(history) :]):
-        for key in COMPARED:
+        for key in PRESET_COMPARED[preset]:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     assert set(weights) == set(ref_weights)
     for name, w in weights.items():
         assert (w - ref_weights[name]).abs().max().item() < 1e-5, name
 
 
-def test_ddp_two_ranks_equal_one_process(tmp_path, single):
-    _run(tmp_path, "--strategy", "ddp", ranks=2)
+@pytest.mark.parametrize("preset", list(PRESET_COMPARED))
+def test_ddp_two_ranks_equal_one_process(tmp_path, single_runs, preset):
+    reference = single_runs(preset)
+    _run(tmp_path, "--strategy", "ddp", *ARGS[preset], ranks=2)
     history = json.loads((tmp_path / "history.json").read_text())
-    _assert_same(history, load_file(str(tmp_path / "final.safetensors")), single)
+    _assert_same(history, load_file(str(tmp_path / "final.safetensors")), reference, preset)
+    # The two ranks trained on the one-process batch, rank 0 on its first half.
+    ranks = [json.loads((tmp_path / f"trained-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == reference[2]
+    if preset == "dapo":
+        # Step 1 (step index 0): round 1 keeps positions 0, 2, 3 and round 2 its position 1;
+        # each rank trains on one group the other rolled out (positions 0-1: rank 0).
+        assert ranks[0][0] == [[0, 1, 0], [0, 1, 2]]
+        assert ranks[1][0] == [[0, 1, 3], [0, 2, 1]]
+        assert all(m["dynamic_sampling/rounds"] == 2 for m in history)
+        assert all(m["dynamic_sampling/groups_short"] == 0 for m in history)
 
 
 def test_fsdp2_two_ranks_train_resume_and_equal_one_process(tmp_path, single):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -40,6 +41,15 @@ from vispo.train.logging import MetricsLog, write_samples_page
 from vispo.train.optim import build_optimizer
 from vispo.train.setup import load_eval_data, load_model, load_reward, load_train_data
 from vispo.train.update import FixedScores, UpdateState, ppo_update, score_fixed
+
+
+def _on(group: B.Group, device: torch.device) -> B.Group:
+    """``group`` with its token tensors on ``device`` (to send it to another rank)."""
+    return dataclasses.replace(
+        group,
+        response_ids=[r.to(device) for r in group.response_ids],
+        truncated=group.truncated.to(device),
+    )
 
 
 class TrainingStopped(RuntimeError):
@@ -200,7 +210,7 @@ class Trainer:
         """rollout -> rewards -> advantages -> perturb -> score -> objective -> update."""
         cfg, t = self.cfg, {}
         t0 = time.perf_counter()
-        step, rounds, kept_frac = self._collect(t)  # rollout, rewards, advantages
+        step, sampling = self._collect(t)  # rollout, rewards, advantages
         B.draw_variants(
             step,
             self.processor,
@@ -235,8 +245,7 @@ class Trainer:
         )
         metrics.update(
             {
-                "dynamic_sampling/rounds": float(rounds),
-                "dynamic_sampling/kept_frac": kept_frac,
+                **sampling,
                 "time/rollout": t["rollout"],
                 "time/reward": t["reward"],
                 "time/score": t2 - t1,
@@ -251,19 +260,30 @@ class Trainer:
         self._last_step = step
         return metrics
 
-    def _collect(self, t: dict) -> tuple[B.StepBatch, int, float]:
+    def _collect(self, t: dict) -> tuple[B.StepBatch, dict[str, float]]:
         """Roll out and reward this rank's prompts; with dynamic sampling, more rounds until
-        the rank's share of the batch is full of informative groups."""
+        ``prompts_per_step`` informative groups are found over all ranks.
+
+        The rounds are global: every rank runs the same number (so the samplers stay in step),
+        the kept groups are the first informative ones in the order of the global batches (what
+        a one-process run keeps), and each rank trains on an even share of them, which may hold
+        groups another rank rolled out. When ``ds_max_rounds`` runs out first, the step trains
+        on the informative groups found (cut to a multiple of the rank count); when there are
+        fewer than one per rank, on the last round's groups. Either way a warning is logged and
+        ``dynamic_sampling/groups_short`` counts the informative groups the step lacks.
+        """
         cfg, ocfg = self.cfg, self.cfg.objective
         world, rank = self.dist.world, self.dist.rank
-        target = cfg.train.prompts_per_step // world
-        kept: list[B.Group] = []
-        reuse_prompts = None
-        rounds, seen = 0, 0
+        asked = cfg.train.prompts_per_step
+        target = asked // world
+        first = rank * target  # every rank draws the same global batch and keeps its slice
+        max_rounds = ocfg.ds_max_rounds if ocfg.dynamic_sampling else 1
+        mine: dict[tuple[int, ...], B.Group] = {}  # informative groups rolled out here, by key
+        chosen: list[tuple[int, ...]] = []  # keys of the informative groups, in global order
+        rounds = 0
         t["rollout"] = t["reward"] = 0.0
-        while len(kept) < target and rounds < (ocfg.ds_max_rounds if ocfg.dynamic_sampling else 1):
+        while len(chosen) < asked and rounds < max_rounds:
             rounds += 1
-            first = rank * target  # every rank draws the same global batch and keeps its slice
             indices = next(self.sampler)[first : first + target]
             keys = [(self.step_count, rounds, first + i) for i in range(len(indices))]
             samples = [self.train_data[i] for i in indices]
@@ -307,28 +327,73 @@ class Trainer:
             groups = B.groups_from_rollout(
                 samples, images, messages, rollout, rewards, components, keys
             )
-            seen += len(groups)
             keep = (
                 B.keep_informative(groups, ocfg.ds_low, ocfg.ds_high)
                 if ocfg.dynamic_sampling
                 else [True] * len(groups)
             )
-            if rounds == 1 and all(keep):
-                reuse_prompts = prompts
-            kept += [g for g, k in zip(groups, keep) if k]
-        if not kept:  # every group was uninformative for ds_max_rounds rounds
-            kept = groups
-        kept = kept[:target]
-        prompts = reuse_prompts if reuse_prompts is not None and len(kept) == len(groups) else None
+            mine.update({g.key: g for g, k in zip(groups, keep) if k})
+            flags = torch.zeros(asked)
+            flags[first : first + target] = torch.tensor(keep, dtype=torch.float32)
+            flags = self.dist.all_reduce(flags)  # every rank's keep flags of this round
+            last_informative = int(flags.sum())
+            found = [(self.step_count, rounds, j) for j in range(asked) if flags[j] > 0]
+            chosen += found[: asked - len(chosen)]
+        per_rank = len(chosen) // world
+        if per_rank == 0:  # no informative group (or fewer than one per rank) in any round
+            kept, informative = groups, last_informative
+        else:
+            kept = self._share_groups(mine, chosen[: per_rank * world], per_rank, target, groups)
+            informative = per_rank * world
+        short = asked - informative
+        if short and ocfg.dynamic_sampling:
+            fallback = (
+                f"trains on {per_rank * world} informative groups"
+                if per_rank
+                else "trains on the last round's groups, "
+                f"{informative} of them informative (the rest have zero advantage)"
+            )
+            self.log(
+                f"warning: dynamic sampling at step {self.step_count + 1}: {len(chosen)} "
+                f"informative groups of the {asked} asked after {rounds} rounds "
+                f"(objective.ds_max_rounds={ocfg.ds_max_rounds}); the step {fallback}"
+            )
+        # The round-1 prompts are reused when the step trains on exactly that round's groups.
+        full_round = rounds == 1 and [g.key for g in kept] == [g.key for g in groups]
         step = B.assemble(
             self.processor,
             kept,
-            prompts=prompts,
+            prompts=prompts if full_round else None,
             scale=ocfg.adv_scale,
             eps=ocfg.adv_eps,
             estimator=ocfg.advantage,
         )
-        return step, rounds, len(kept) / max(seen, 1)
+        metrics = {
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/kept_frac": informative / (rounds * asked),
+            "dynamic_sampling/groups_short": float(short),
+        }
+        return step, metrics
+
+    def _share_groups(self, mine, share, per_rank, target, local):
+        """This rank's ``per_rank`` groups of the global list of kept keys ``share``; groups
+        rolled out on another rank are sent over (collective: every rank calls it)."""
+        rank = self.dist.rank
+        owner = {key: key[2] // target for key in share}  # the rank that rolled it out
+        wanted = share[rank * per_rank : (rank + 1) * per_rank]
+        moves = [
+            k
+            for r in range(self.dist.world)
+            for k in share[r * per_rank : (r + 1) * per_rank]
+            if owner[k] != r
+        ]
+        if moves:  # the same list on every rank: all of them exchange, or none
+            device = local[0].response_ids[0].device
+            outgoing = [_on(mine[k], torch.device("cpu")) for k in moves if owner[k] == rank]
+            received: list[list[B.Group]] = [None] * self.dist.world
+            torch.distributed.all_gather_object(received, outgoing)
+            mine = {**mine, **{g.key: _on(g, device) for part in received for g in part}}
+        return [mine[k] for k in wanted]
 
     def _rollout(self, prompts, keys, n=None):
         """n responses per prompt; batch-invariant mode seeds each prompt on its own."""
