@@ -6,46 +6,78 @@ import argparse
 import sys
 from pathlib import Path
 
-TRAIN_EPILOG = """Overrides are section.field=value, e.g.
-  vispo train configs/papo_g.yaml optim.lr=2e-6 objective.gamma=0.01
-Without a config file, `vispo train` runs the embedded default (configs/quickstart.yaml),
-with any overrides applied on top of it.
+TRAIN_EPILOG = """CONFIG is a YAML file or a name: an objective preset (grpo, dapo, dr_grpo, papo_g,
+papo_d, cppo: run on the embedded default, the shipped model on easy-vqa), quickstart, or a
+paper's full recipe for a GPU (recipes/grpo, recipes/cppo, ...). It may come before or after
+the overrides, which are section.field=value:
+  vispo train cppo train.steps=30
+  vispo train optim.lr=2e-6 recipes/papo_g model.name_or_path=/models/Qwen2.5-VL-3B-Instruct
+Without CONFIG, `vispo train` runs the embedded default (configs/quickstart.yaml), with any
+overrides applied on top of it. `vispo train CONFIG --help` lists the values that run uses.
 """
 
 
+def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config, overrides) from the positional arguments, in any order: an item with '=' that
+    is not an existing file is an override; at most one other item, the config."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ValueError(
+                f"two configs given ({config!r} and {item!r}); name one, and write "
+                "settings as section.field=value"
+            )
+    return config, overrides
+
+
 def _train(argv: list[str]) -> int:
-    from vispo.train.config import ConfigError, help_text, load_config
+    from vispo.train.config import ConfigError, build_config
+    from vispo.train.presets import config_tree, effective_help
 
     parser = argparse.ArgumentParser(
         prog="vispo train",
+        usage="vispo train [CONFIG] [section.field=value ...] [--resume] [-h]",
         description="Run RL on a VLM.",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
-    parser.add_argument("config", nargs="?", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="CONFIG / section.field=value",
+        help="a config file or preset name, and overrides, in any order",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the run's last checkpoint"
     )
-    parser.add_argument("-h", "--help", action="store_true", help="list every config field")
-    args = parser.parse_args(argv)
-    if args.help:
-        parser.print_help()
-        print("\nConfig fields (default, then help):\n")
-        print(help_text())
-        return 0
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    if config is None:  # the embedded default, with any overrides applied on top
-        config = str(default_config_path())
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="list every config field with its value"
+    )
+    args, unknown = parser.parse_known_args(argv)
+    bad = [u for u in unknown if u.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
+        config, overrides = _split_train_args(list(args.args) + unknown)
+        cfg = build_config(config_tree(config, overrides))
+    except (ConfigError, ValueError) as e:
         print(f"vispo train: invalid config: {e}", file=sys.stderr)
         return 2
+    if args.help:
+        parser.print_help()
+        what = f"{config} with the overrides" if config else "the embedded default"
+        if config and not overrides:
+            what = config
+        elif not config and overrides:
+            what = "the embedded default with the overrides"
+        print(f"\nConfig fields: the values `vispo train` uses here ({what}), then help:\n")
+        print(effective_help(cfg))
+        return 0
     from vispo.train.run import run_training
 
     return run_training(cfg, resume=args.resume)
@@ -53,7 +85,9 @@ def _train(argv: list[str]) -> int:
 
 def default_config_path() -> Path:
     """The embedded default: PAPO-G on easy-vqa from the shipped small VLM."""
-    return Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+    from vispo.train.presets import DEFAULT_CONFIG
+
+    return DEFAULT_CONFIG
 
 
 def _export(argv: list[str]) -> int:

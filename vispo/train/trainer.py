@@ -22,6 +22,7 @@ import torch
 from vispo.algos import overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.scoring import encode_prompts
+from vispo.rewards import reward_columns
 from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
 from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -255,7 +256,14 @@ class Trainer:
                 rollout.texts,
                 [s.answer for s in per_seq],
                 sample_ids=[s.id for s in per_seq],
-                question=[s.question for s in per_seq],
+                **reward_columns(
+                    samples,
+                    cfg.rollout.n,
+                    [
+                        ids[:k]
+                        for ids, k in zip(rollout.response_ids.tolist(), rollout.lengths.tolist())
+                    ],
+                ),
             )
             rewards = torch.tensor(result.total, dtype=torch.float32)
             if cfg.reward.overlong_buffer > 0:
@@ -394,7 +402,8 @@ class Trainer:
         if self.metrics_log is not None:
             self.metrics_log.log(step, metrics)
         self.history.append({"step": step, **metrics})
-        if cfg.train.samples_every and step % cfg.train.samples_every == 0 and self.dist.main:
+        page_due = cfg.train.samples_every and step % cfg.train.samples_every == 0
+        if (page_due or step == cfg.train.steps) and self.dist.main:  # always one at the end
             self._write_samples(step)
         if self.updates.skipped_in_row >= cfg.train.max_skipped_in_row:
             path = self.save()
@@ -422,6 +431,7 @@ class Trainer:
                 "answer": g.sample.answer,
                 "completions": g.texts,
                 "rewards": g.rewards.tolist(),
+                "components": {k: v.tolist() for k, v in g.components.items()},
             }
             for g in last.groups[: self.cfg.logging.samples_per_page]
         ]
