@@ -17,6 +17,22 @@ overrides applied on top of it. `vispo train CONFIG --help` lists the values tha
 """
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has a value to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)" if "(default:" not in text else ""
+        return text
+
+
 def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
     """(config, overrides) from the positional arguments, in any order: an item with '=' that
     is not an existing file is an override; at most one other item, the config."""
@@ -107,7 +123,7 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, limit: int | None = None) -> None:
     """Options shared by ``vispo eval`` and ``vispo probe``."""
     parser.add_argument(
         "--benchmarks",
@@ -117,7 +133,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root", help="folder of local benchmark files (docs/evaluation.md: layout)"
     )
-    parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=limit,
+        help="first N questions of each benchmark" + (" (default: all)" if limit is None else ""),
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and masks")
     parser.add_argument(
         "--max-new-tokens", type=int, help="answer length cap (default: run's, else benchmark's)"
@@ -129,13 +150,18 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, help="checkpoint step of a run folder (default: latest)"
     )
-    parser.add_argument("--out", help="output folder")
+    parser.add_argument(
+        "--out",
+        help="output folder (default: RUN_DIR/eval or /probe for a run folder, else "
+        "evals/LABEL or probes/LABEL)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo eval",
+        formatter_class=_DefaultsFormatter,
         description="avg@k and greedy accuracy of models on benchmarks (resumable). MODEL is a "
         "vispo run folder (its latest checkpoint), a Hugging Face model folder, "
         "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table.",
@@ -240,13 +266,13 @@ def _output_dir(out: str | None, loaded, n_models: int, sub: str, default_root: 
 def _probe(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo probe",
+        formatter_class=_DefaultsFormatter,
         description="How much does the model look? Per question, KL(original || masked) and "
         "KL(original || no image) of the model's own response (PAPO's perception_kl), and how "
         "often the answer changes; per benchmark JSON, Markdown and histogram PNG.",
     )
     parser.add_argument("model", metavar="MODEL")
-    _add_model_options(parser)
-    parser.set_defaults(limit=200)
+    _add_model_options(parser, limit=200)
     parser.add_argument(
         "--mask-ratio",
         type=float,
@@ -363,6 +389,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from vispo.quiet import quiet_console
+
+    quiet_console()
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: vispo {" + ",".join(COMMANDS) + "} ...\n\n"

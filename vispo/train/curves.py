@@ -23,7 +23,7 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (("response_length/mean", "mean"), ("response_length/max", "max")),
     ),
     ("PAPO: perception KL", (("perception/kl_mean", "KL(orig || masked)"),)),
-    ("PAPO: entropies", (("entropy/orig", "original image"), ("entropy/mask", "masked image"))),
+    ("entropy", (("entropy/orig", "original image"), ("entropy/mask", "masked image"))),
     ("CPPO: contrastive loss", (("loss/cpl", "loss/cpl"),)),
     ("CPPO: d+ / d-", (("cpl/d_pos", "d+ (I+)"), ("cpl/d_neg", "d- (I-)"))),
     ("CPPO: selected fraction", (("perception/selected_frac", "selected tokens"),)),
@@ -92,19 +92,22 @@ def reward_components(metrics: Sequence[dict]) -> list[str]:
 
 def panels(metrics: Sequence[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
     """The panels that have data: ``(title, [(metric, label), ...])``; the accuracy panel also
-    holds the held-out points (metric :data:`HELD_OUT`), and a "reward components" panel
-    follows the reward when the reward has named components."""
+    holds the held-out points (metric :data:`HELD_OUT`), a "reward components" panel follows
+    the reward when the reward has several components, and the entropy panel is "PAPO:
+    entropies" when the masked image's entropy was logged."""
     out = []
     has_held_out = bool(held_out_points(metrics))
     for title, lines in PANELS:
         present = [(k, label) for k, label in lines if series(metrics, k)]
         if title == "accuracy" and has_held_out:
             present.append((HELD_OUT, HELD_OUT_LABEL))
+        if title == "entropy" and any(k == "entropy/mask" for k, _ in present):
+            title = "PAPO: entropies"  # both: the original and the masked image's
         if present:
             out.append((title, present))
         if title == "reward":
             comps = reward_components(metrics)
-            if comps:
+            if len(comps) > 1:  # a single component is the reward itself
                 out.append(("reward components", [(f"reward/{c}/mean", c) for c in comps]))
     return out
 
