@@ -88,5 +88,5 @@ def test_help_lists_every_field_with_help():
 
 def test_shipped_presets_load():
     for name in ("grpo", "dapo", "dr_grpo", "papo_g", "papo_d", "cppo"):
-        cfg = load_config(f"configs/{name}.yaml")
+        cfg = load_config(f"configs/recipes/{name}.yaml")
         assert cfg.objective.name == name
