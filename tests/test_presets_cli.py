@@ -182,3 +182,11 @@ def test_objective_terms_from_an_entry_point(tmp_path, monkeypatch):
     finally:
         OBJECTIVE_TERMS.pop("ux_ep_term", None)
         sys.modules.pop("ux_ep_pkg", None)
+
+
+def test_help_text_lists_objective_name_once():
+    from vispo.train.config import help_text
+
+    text = help_text()
+    assert len(re.findall(r"^  objective\.name = ", text, flags=re.M)) == 1
+    assert "objective.name = 'grpo'\n      Preset the objective starts from: grpo, dapo" in text

@@ -541,16 +541,18 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def help_text() -> str:
-    """Every field, its default and its help, grouped by section."""
+    """Every field, its built-in default and its help, grouped by section, each field once
+    (``vispo train --help`` shows the values a run uses instead:
+    :func:`vispo.train.presets.effective_help`)."""
     lines = []
     for name, sec in SECTIONS.items():
         cls = typing.get_type_hints(Config)[name]
         lines.append(f"{name}: {sec.metadata['help']}")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata.get("help", "")
+            if name == "objective" and f.name == "name":  # listed once, with the choices
+                help_ = f"Preset the objective starts from: {', '.join(PRESETS)}."
             lines.append(f"  {name}.{f.name} = {default!r}")
-            lines.append(f"      {f.metadata.get('help', '')}")
-    lines.append(
-        f"objective.name = 'grpo'\n      Preset the objective starts from: {', '.join(PRESETS)}."
-    )
+            lines.append(f"      {help_}")
     return "\n".join(lines)
