@@ -403,8 +403,11 @@ class Trainer:
             self.metrics_log.log(step, metrics)
         self.history.append({"step": step, **metrics})
         page_due = cfg.train.samples_every and step % cfg.train.samples_every == 0
-        if (page_due or step == cfg.train.steps) and self.dist.main:  # always one at the end
-            self._write_samples(step)
+        stopping = self.updates.skipped_in_row >= cfg.train.max_skipped_in_row or (
+            event is not None and event.action == "stop"
+        )
+        if (page_due or step == cfg.train.steps or stopping) and self.dist.main:
+            self._write_samples(step)  # always one at the end of a run, a stopped one too
         if self.updates.skipped_in_row >= cfg.train.max_skipped_in_row:
             path = self.save()
             raise TrainingStopped(
