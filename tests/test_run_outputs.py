@@ -262,3 +262,42 @@ def test_vispo_train_console_summary_curves_and_a_final_samples_page(tmp_path):
     page = (out_dir / "samples" / "step-000002.html").read_text()
     assert "<th>accuracy</th><th>format</th><th>total reward</th>" in page
     assert (out_dir / "curves.png").stat().st_size > 0
+
+
+def test_a_run_stopped_early_still_writes_a_samples_page(tmp_path, monkeypatch):
+    from vispo.rewards import RewardRunner
+    from vispo.train.config import load_config
+    from vispo.train.trainer import Trainer, TrainingStopped
+
+    cfg = load_config(
+        None,
+        [
+            "objective.name=grpo",
+            "model.name_or_path=tiny:qwen2_vl",
+            "data.name=synthetic",
+            "data.synthetic_size=8",
+            "data.eval_size=0",
+            "train.steps=5",
+            "train.prompts_per_step=2",
+            "rollout.n=2",
+            "rollout.max_new_tokens=3",
+            "train.samples_every=0",
+            "guard.enabled=true",
+            "logging.progress=false",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
+
+    def exact(completions, answers, **columns):
+        return [{"accuracy": float(c == a)} for c, a in zip(completions, answers)]
+
+    trainer = Trainer(cfg, reward_fn=RewardRunner(exact, num_workers=0))
+
+    class StopEvent:
+        step, signals, action = 2, {"clip/high": 9.0}, "stop"
+
+    monkeypatch.setattr(trainer.guard, "observe", lambda step, m: StopEvent if step == 2 else None)
+    with pytest.raises(TrainingStopped):
+        trainer.train()
+    pages = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert pages == ["step-000002.html"]
