@@ -280,3 +280,19 @@ def test_reward_columns_repeat_and_leave_out_reserved_names():
         reward_columns([a, b], repeat=2, completion_ids=[[1], [2], [3]])
     inputs = reward_inputs([a], ["x y"], None)
     assert inputs["sample_ids"] == ["a"] and "completion_ids" not in inputs
+
+
+def test_a_function_without_kwargs_gets_only_the_columns_it_names():
+    def vispo_fn(completions, answers, question):
+        return [float(q == "q") for q in question]
+
+    def trl_fn(completions, solution, trainer_state):
+        assert trainer_state is None
+        return [float(c[0]["content"] == s) for c, s in zip(completions, solution)]
+
+    cols = {"question": ["q", "x"], "task": ["t", "t"], "completion_ids": [[1], [2]]}
+    with RewardRunner(vispo_fn, num_workers=0) as runner:
+        assert runner(["a", "b"], ["a", "a"], **cols).total == [1.0, 0.0]
+    with RewardRunner(trl_fn, num_workers=0) as runner:
+        result = runner(["a", "b"], ["a", "a"], **cols)
+        assert result.n_errors == 0 and result.components == {"trl_fn": [1.0, 0.0]}

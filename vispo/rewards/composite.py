@@ -275,7 +275,7 @@ class FileReward:
             raise TypeError(f"{self.path}:{name} is a {type(fn).__name__}, not a callable")
         self.fn = fn
         self.style = reward_style(fn)
-        self._call = TRLReward(fn, name) if self.style == "trl" else fn
+        self._call = TRLReward(fn, name) if self.style == "trl" else _wrap_vispo(fn)
         self.__name__ = getattr(fn, "__name__", name)
         self.__doc__ = getattr(fn, "__doc__", None)
 
@@ -320,7 +320,7 @@ def resolve_reward(spec: str | Callable[..., Any] | Sequence[Any]) -> Callable[.
     (a TRL-style one is wrapped in :class:`TRLReward`), or a list of these (a
     :class:`MultiReward` with weight 1 each)."""
     if callable(spec):
-        return TRLReward(spec) if reward_style(spec) == "trl" else spec
+        return TRLReward(spec) if reward_style(spec) == "trl" else _wrap_vispo(spec)
     if isinstance(spec, (list, tuple)):
         return MultiReward(spec)
     if isinstance(spec, str):
@@ -347,6 +347,46 @@ RESERVED_COLUMNS = frozenset(
 _TRL_ONLY = {"prompts", "completion_ids", "trainer_state"}
 
 
+def _keyword_names(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or has no
+    readable signature): columns it does not name are then not passed to it."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+
+
+def _only_accepted(names: frozenset[str] | None, columns: dict[str, Any]) -> dict[str, Any]:
+    return columns if names is None else {k: v for k, v in columns.items() if k in names}
+
+
+class _NamedColumns:
+    """A vispo-style function without ``**columns``: called with the columns it names only
+    (e.g. ``f(completions, answers, question)`` gets ``question`` and nothing else)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.names = _keyword_names(fn)
+        self.__name__ = _fn_name(fn)
+
+    @property
+    def weights(self) -> Mapping[str, float] | None:
+        return getattr(self.fn, "weights", None)
+
+    def __call__(self, completions, answers, **columns):
+        return self.fn(completions, answers, **_only_accepted(self.names, columns))
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
 def reward_style(fn: Callable[..., Any]) -> str:
     """``"trl"`` or ``"vispo"``: how ``fn`` wants to be called, read from its parameters.
 
@@ -356,7 +396,7 @@ def reward_style(fn: Callable[..., Any]) -> str:
     (``f(completions, answers, **columns)``, ``f(c, a, **kw)``, a :class:`CompositeReward`)
     is called the vispo way, ``f(completions, answers, **columns)``.
     """
-    if isinstance(fn, (CompositeReward, FileReward, TRLReward, MultiReward)):
+    if isinstance(fn, (CompositeReward, FileReward, TRLReward, MultiReward, _NamedColumns)):
         return "vispo"
     try:
         params = inspect.signature(fn).parameters
@@ -373,6 +413,13 @@ def reward_style(fn: Callable[..., Any]) -> str:
         if len(positional) < 2 or positional[1].name != "answers":
             return "trl"
     return "vispo"
+
+
+def _wrap_vispo(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` itself, or wrapped so that it gets only the columns it names (no ``**columns``)."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):  # objects handle their own
+        return fn
+    return fn if _keyword_names(fn) is None else _NamedColumns(fn)
 
 
 def _fn_name(fn: Any) -> str:
@@ -398,6 +445,7 @@ class TRLReward:
         self.fn = fn
         self.name = name or _fn_name(fn)
         self.__name__ = self.name
+        self.names = _keyword_names(fn)
 
     def __call__(
         self, completions: Sequence[str], answers: Sequence[str], **columns: Any
@@ -409,12 +457,16 @@ class TRLReward:
         ids = columns.pop("completion_ids", None) or [None] * n
         columns.setdefault("solution", list(answers))
         columns.setdefault("answer", list(answers))
-        out = self.fn(
-            prompts=[[{"role": "user", "content": q}] for q in questions],
-            completions=[[{"role": "assistant", "content": c}] for c in completions],
-            completion_ids=list(ids),
+        kwargs = {
+            "prompts": [[{"role": "user", "content": q}] for q in questions],
+            "completions": [[{"role": "assistant", "content": c}] for c in completions],
+            "completion_ids": list(ids),
+            "trainer_state": None,  # TRL passes its TrainerState; vispo has none to give
             **columns,
-        )
+        }
+        if self.names is None:
+            kwargs.pop("trainer_state")
+        out = self.fn(**_only_accepted(self.names, kwargs))
         if hasattr(out, "tolist") and getattr(out, "ndim", None) == 1:
             out = out.tolist()
         if not isinstance(out, (list, tuple)):
