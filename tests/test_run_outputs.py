@@ -164,6 +164,7 @@ def test_samples_page_colours_by_accuracy_and_shows_components(tmp_path):
     with Image.open(io.BytesIO(base64.b64decode(uri))) as im:
         assert im.size == (300, 200)
     assert "this.classList.toggle('full')" in text and "img.sample{height:256px" in text
+    assert "img.sample.full{height:auto;min-height:512px" in text
     # Without an accuracy component, no row is coloured.
     rows_plain = _page_rows()
     rows_plain[0]["components"] = {"format": [0.0, 0.0, 1.0]}

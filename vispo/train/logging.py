@@ -116,8 +116,8 @@ _PAGE_STYLE = (
     ".good{background:#e6f4e6}.bad{background:#fbeaea}"
     "nav{margin:1em 0;font-size:1.1em}nav a,nav span{margin-right:1.5em}nav span{color:#999}"
     "img.sample{height:256px;image-rendering:pixelated;cursor:zoom-in;margin-right:8px;"
-    "border:1px solid #ccc}img.sample.full{height:auto;max-width:100%;cursor:zoom-out;"
-    "image-rendering:auto}"
+    "border:1px solid #ccc}img.sample.full{height:auto;min-height:512px;max-width:100%;"
+    "cursor:zoom-out}"
 )
 
 
@@ -159,7 +159,7 @@ def write_samples_page(path: Path, step: int, rows: list[dict]) -> None:
     A completion is coloured by correctness (:func:`correctness_component`; green >= 0.5),
     not by its total reward; rows without such a component are not coloured. Images are
     embedded at up to :data:`FULL_IMAGE_SIDE` px and shown 256 px high; a click shows one at
-    full size. Pages link to the previous and next page of the same folder (the previous page
+    full size (at least 512 px high, so that a 64 px image is enlarged, not shrunk). Pages link to the previous and next page of the same folder (the previous page
     gets its "next" link when this one is written).
     """
     path = Path(path)
@@ -177,7 +177,7 @@ def write_samples_page(path: Path, step: int, rows: list[dict]) -> None:
         f"<h1>Sample completions at step {step}</h1>",
         _nav(prev_page, next_page),
         "<p>Green: correct, red: wrong (by the accuracy component). Click an image to see it at "
-        "full size.</p>",
+        "full size (small images: 512 px high); its size in pixels is in its tooltip.</p>",
     ]
     for row in rows:
         imgs = "".join(
