@@ -176,6 +176,9 @@ def test_objective_plugins_a_module_and_a_file(tmp_path, monkeypatch):
             ],
         )
         assert cfg.objective.plugins == ["ux_terms_mod", str(file_plugin)]
+        monkeypatch.chdir(tmp_path)  # a relative file path is saved absolute
+        relative = load_config(None, ["objective.plugins=[elsewhere.py]"])
+        assert relative.objective.plugins == [str(file_plugin.resolve())]
         assert set(cfg.objective.extra_terms) == {"ux_mod_term", "ux_file_term"}
         assert {"ux_mod_term", "ux_file_term"} <= set(OBJECTIVE_TERMS)
         with pytest.raises(ConfigError, match="objective.plugins: cannot import 'no_such_mod'"):

@@ -486,6 +486,10 @@ def _load_plugins(objective_values: dict) -> None:
     from vispo.train.plugins import load_terms
 
     plugins = _coerce(objective_values.get("plugins", []), list[str], "objective.plugins")
+    # A plugin file is kept as an absolute path, so the saved config finds it from anywhere.
+    plugins = [str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in plugins]
+    if plugins:
+        objective_values["plugins"] = plugins
     terms = objective_values.get("extra_terms") or {}
     if isinstance(terms, str):
         terms = _coerce(terms, dict[str, dict], "objective.extra_terms")
