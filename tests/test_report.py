@@ -104,8 +104,16 @@ def test_guard_events_merge_state_and_metrics(run_dir):
 def test_curve_panels_are_the_ones_with_data():
     images = curve_images(_metrics(4, set()), [])
     titles = [t for t, _ in images]
-    # No perception KL was logged: that panel is absent, every other one is there.
-    assert titles == [t for t, _ in CURVE_PANELS if t != "perception KL"]
+    # Only the logged metrics get a panel: no PAPO, CPPO or reference-KL panel here.
+    logged = {k for m in _metrics(4, set()) for k in m}
+    assert titles == [t for t, lines in CURVE_PANELS if any(k in logged for k, _ in lines)]
+    assert titles == [
+        "reward",
+        "accuracy",
+        "response length (tokens)",
+        "entropy",
+        "clip fractions",
+    ]
     for _, uri in images:
         png = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         assert png.format == "PNG" and np.asarray(png.convert("L")).std() > 5

@@ -100,5 +100,5 @@ def test_shipped_presets_load():
         "noisyrollout",
         "vppo",
     ):
-        cfg = load_config(f"configs/{name}.yaml")
+        cfg = load_config(f"configs/recipes/{name}.yaml")
         assert cfg.objective.name == name

@@ -6,46 +6,94 @@ import argparse
 import sys
 from pathlib import Path
 
-TRAIN_EPILOG = """Overrides are section.field=value, e.g.
-  vispo train configs/papo_g.yaml optim.lr=2e-6 objective.gamma=0.01
-Without a config file, `vispo train` runs the embedded default (configs/quickstart.yaml),
-with any overrides applied on top of it.
+TRAIN_EPILOG = """CONFIG is a YAML file or a name: an objective preset (grpo, dapo, dr_grpo, papo_g,
+papo_d, cppo: run on the embedded default, the shipped model on easy-vqa), quickstart, or a
+paper's full recipe for a GPU (recipes/grpo, recipes/cppo, ...). It may come before or after
+the overrides, which are section.field=value:
+  vispo train cppo train.steps=30
+  vispo train optim.lr=2e-6 recipes/papo_g model.name_or_path=/models/Qwen2.5-VL-3B-Instruct
+Without CONFIG, `vispo train` runs the embedded default (configs/quickstart.yaml), with any
+overrides applied on top of it. `vispo train CONFIG --help` lists the values that run uses.
 """
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has a value to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)" if "(default:" not in text else ""
+        return text
+
+
+def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config, overrides) from the positional arguments, in any order: an item with '=' that
+    is not an existing file is an override; at most one other item, the config."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ValueError(
+                f"two configs given ({config!r} and {item!r}); name one, and write "
+                "settings as section.field=value"
+            )
+    return config, overrides
+
+
 def _train(argv: list[str]) -> int:
-    from vispo.train.config import ConfigError, help_text, load_config
+    from vispo.train.config import ConfigError, build_config
+    from vispo.train.presets import config_tree, effective_help
 
     parser = argparse.ArgumentParser(
         prog="vispo train",
+        usage="vispo train [CONFIG] [section.field=value ...] [--resume] [-h]",
         description="Run RL on a VLM.",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
-    parser.add_argument("config", nargs="?", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="CONFIG / section.field=value",
+        help="a config file or preset name, and overrides, in any order",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the run's last checkpoint"
     )
-    parser.add_argument("-h", "--help", action="store_true", help="list every config field")
-    args = parser.parse_args(argv)
-    if args.help:
-        parser.print_help()
-        print("\nConfig fields (default, then help):\n")
-        print(help_text())
-        return 0
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    if config is None:  # the embedded default, with any overrides applied on top
-        config = str(default_config_path())
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="list every config field with its value"
+    )
+    args, unknown = parser.parse_known_args(argv)
+    bad = [u for u in unknown if u.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
+        config, overrides = _split_train_args(list(args.args) + unknown)
+        cfg = build_config(config_tree(config, overrides))
+    except (ConfigError, ValueError) as e:
         print(f"vispo train: invalid config: {e}", file=sys.stderr)
         return 2
+    if args.help:
+        parser.print_help()
+        what = f"{config} with the overrides" if config else "the embedded default"
+        if config and not overrides:
+            what = config
+        elif not config and overrides:
+            what = "the embedded default with the overrides"
+        print(f"\nConfig fields: the values `vispo train` uses here ({what}), then help:\n")
+        print(effective_help(cfg))
+        return 0
     from vispo.train.run import run_training
 
     return run_training(cfg, resume=args.resume)
@@ -53,7 +101,9 @@ def _train(argv: list[str]) -> int:
 
 def default_config_path() -> Path:
     """The embedded default: PAPO-G on easy-vqa from the shipped small VLM."""
-    return Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+    from vispo.train.presets import DEFAULT_CONFIG
+
+    return DEFAULT_CONFIG
 
 
 def _export(argv: list[str]) -> int:
@@ -101,7 +151,7 @@ def _export(argv: list[str]) -> int:
 DEFAULT_BENCHMARKS = "easy-vqa,easy-vqa-vd"
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, limit: int | None = None) -> None:
     """Options shared by ``vispo eval`` and ``vispo probe``."""
     parser.add_argument(
         "--benchmarks",
@@ -112,7 +162,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root", help="folder of local benchmark files (docs/evaluation.md: layout)"
     )
-    parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=limit,
+        help="first N questions of each benchmark" + (" (default: all)" if limit is None else ""),
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and masks")
     parser.add_argument(
         "--max-new-tokens", type=int, help="answer length cap (default: run's, else benchmark's)"
@@ -124,13 +179,18 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, help="checkpoint step of a run folder (default: latest)"
     )
-    parser.add_argument("--out", help="output folder")
+    parser.add_argument(
+        "--out",
+        help="output folder (default: RUN_DIR/eval or /probe for a run folder, else "
+        "evals/LABEL or probes/LABEL)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo eval",
+        formatter_class=_DefaultsFormatter,
         description="avg@k and greedy accuracy of models on benchmarks (resumable). MODEL is a "
         "vispo run folder (its latest checkpoint), a Hugging Face model folder, "
         "builtin:vispo-tiny or tiny:<arch>. Several models give one side-by-side table. "
@@ -258,13 +318,13 @@ def _output_dir(out: str | None, loaded, n_models: int, sub: str, default_root: 
 def _probe(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vispo probe",
+        formatter_class=_DefaultsFormatter,
         description="How much does the model look? Per question, KL(original || masked) and "
         "KL(original || no image) of the model's own response (PAPO's perception_kl), and how "
         "often the answer changes; per benchmark JSON, Markdown and histogram PNG.",
     )
     parser.add_argument("model", metavar="MODEL")
-    _add_model_options(parser)
-    parser.set_defaults(limit=200)
+    _add_model_options(parser, limit=200)
     parser.add_argument(
         "--mask-ratio",
         type=float,
@@ -381,6 +441,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from vispo.quiet import quiet_console
+
+    quiet_console()
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: vispo {" + ",".join(COMMANDS) + "} ...\n\n"

@@ -167,6 +167,12 @@ class ObjectiveConfig:
         "Registered extra terms: {name: {weight: w, ...params}} (see register_term).",
         factory=dict,
     )
+    plugins: list[str] = _f(
+        None,
+        "Modules or .py files imported before the config is checked, so that the terms they "
+        "register can be named in extra_terms (installed packages: entry points 'vispo.terms').",
+        factory=list,
+    )
 
     def __post_init__(self):
         self.validate()

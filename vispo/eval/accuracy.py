@@ -121,19 +121,39 @@ def generate_answers(
     return out
 
 
-def correctness(reward, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+def correctness(
+    reward, completions: Sequence[str], answers: Sequence[str], **columns
+) -> list[float]:
     """Per completion: the reward's ``accuracy`` component, or its total if it has none.
 
     ``reward`` is a :class:`vispo.rewards.RewardRunner` (or any callable returning a
-    :class:`vispo.rewards.RewardResult`).
+    :class:`vispo.rewards.RewardResult`); ``columns`` are passed on to it (build them with
+    :func:`reward_inputs` so that a reward sees the same columns as in training).
     """
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
     if not completions:
         return []
-    result = reward(list(completions), list(answers))
+    result = reward(list(completions), list(answers), **columns)
     values = result.components.get("accuracy", result.total)
     return [float(v) for v in values]
+
+
+def reward_inputs(samples, completions: Sequence[str], processor=None, repeat: int = 1) -> dict:
+    """The columns of a reward call on ``completions`` of ``samples`` (each sample answered
+    ``repeat`` times, in order), as training passes them (:func:`vispo.rewards.reward_columns`),
+    with ``sample_ids``. ``completion_ids`` are the completions tokenized again (training
+    passes the generated ids; the two agree whenever decoding round-trips)."""
+    from vispo.rewards import reward_columns
+
+    ids = None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is not None and completions:
+        ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    return {
+        "sample_ids": [s.id for s in samples for _ in range(repeat)],
+        **reward_columns(samples, repeat, ids),
+    }
 
 
 def greedy_accuracy(
@@ -160,5 +180,7 @@ def greedy_accuracy(
             batch_size=batch_size,
         )
     ]
-    values = correctness(reward, texts, [s.answer for s in samples])
+    values = correctness(
+        reward, texts, [s.answer for s in samples], **reward_inputs(samples, texts, processor)
+    )
     return sum(values) / max(len(values), 1)

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from vispo.algos import cppo_perception_mask, perception_kl
-from vispo.eval.accuracy import correctness, prepared_images
+from vispo.eval.accuracy import correctness, prepared_images, reward_inputs
 from vispo.models.scoring import build_scoring_batch, encode_prompts, pixel_inputs, score
 from vispo.rollout.hf import generate
 from vispo.vision import info_removing, random_patch_mask
@@ -319,7 +319,10 @@ def probe_batch(
     correct = None
     if reward is not None:
         answers = [s.answer for s in samples]
-        correct = [correctness(reward, texts, answers) for texts in (orig, masked, blank)]
+        correct = [
+            correctness(reward, texts, answers, **reward_inputs(samples, texts, processor))
+            for texts in (orig, masked, blank)
+        ]
     records = []
     for i, a in enumerate(analyses):
         rec = {
@@ -420,8 +423,7 @@ def probe_model(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from vispo.data import get_template
-    from vispo.eval.runner import batch_seed, resolve_benchmark_settings
-    from vispo.rewards import RewardRunner
+    from vispo.eval.runner import batch_seed, open_reward, resolve_benchmark_settings
     from vispo.train.batch import image_budget
 
     settings = (settings or ProbeSettings()).validate()
@@ -444,7 +446,7 @@ def probe_model(
             max_new = resolved["max_new_tokens"]
             task = bar.add_task(f"probe {bench.name}", total=len(samples))
             records: list[dict] = []
-            with RewardRunner(resolved["reward"], num_workers=0) as reward:
+            with open_reward(resolved["reward"], loaded.config) as reward:
                 for start in range(0, len(samples), settings.batch_size):
                     chunk = [
                         samples[i]

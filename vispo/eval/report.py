@@ -29,17 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from vispo.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from vispo.train.curves import PANELS, draw_panel, panels
 from vispo.train.logging import image_data_uri, read_metrics
 
-#: Curve panels: title -> (metric, legend label) lines drawn in it.
-CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("reward", (("reward/mean", "mean reward"),)),
-    ("accuracy", (("accuracy/mean", "rollouts"), ("eval/accuracy", "held-out"))),
-    ("response length", (("response_length/mean", "mean"), ("response_length/max", "max"))),
-    ("perception KL", (("perception/kl_mean", "KL(orig || masked)"),)),
-    ("entropy", (("entropy/orig", "original image"), ("entropy/mask", "masked image"))),
-    ("clip fractions", (("clip/low", "low"), ("clip/high", "high"))),
-)
+#: Curve panels: the same as ``curves.png`` (see :mod:`vispo.train.curves`).
+CURVE_PANELS = PANELS
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -97,39 +91,17 @@ def _png_uri(fig) -> str:
 
 
 def curve_images(metrics: Sequence[dict], events: Sequence[int]) -> list[tuple[str, str]]:
-    """``(title, data URI)`` of each curve panel that has data; guard events marked."""
+    """``(title, data URI)`` of each curve panel that has data (:func:`vispo.train.curves.panels`,
+    the panels of ``curves.png``); guard events marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = []
-    for title, lines in CURVE_PANELS:
-        series = []
-        for key, label in lines:
-            pts = [
-                (m["step"], m[key])
-                for m in metrics
-                if isinstance(m.get(key), (int, float)) and "step" in m
-            ]
-            if pts:
-                series.append((label, pts))
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(3.9, 2.6))
-        for label, pts in series:
-            style = "o-" if len(pts) < 3 else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=1.3, ms=3, label=label)
-        for i, step in enumerate(events):
-            ax.axvline(
-                step, color="#d0021b", lw=1, ls="--", label="guard event" if i == 0 else None
-            )
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if len(series) > 1 or events:
-            ax.legend(fontsize=7, frameon=False)
+    for title, lines in panels(metrics):
+        fig, ax = plt.subplots(figsize=(4.6, 3.2))
+        draw_panel(ax, metrics, title, lines, events)
         fig.tight_layout()
         out.append((title, _png_uri(fig)))
         plt.close(fig)
@@ -258,12 +230,11 @@ def rescore_samples(
     describing the settings used.
     """
     from vispo.data import get_template
-    from vispo.eval.accuracy import correctness
+    from vispo.eval.accuracy import correctness, reward_inputs
     from vispo.eval.loading import load_model_spec
     from vispo.eval.probe import ProbeSettings, analyse_batch
-    from vispo.rewards import RewardRunner
     from vispo.train.batch import image_budget
-    from vispo.train.setup import load_split
+    from vispo.train.setup import load_reward, load_split
 
     loaded = loaded or load_model_spec(str(run_dir))
     cfg = loaded.config
@@ -298,9 +269,13 @@ def rescore_samples(
     )
     rewards: list[float | None] = [None] * len(analyses)
     try:
-        with RewardRunner(cfg.reward.name, num_workers=0) as reward:
+        with load_reward(cfg.reward) as reward:
+            texts = [a.response for a in analyses]
             rewards = correctness(
-                reward, [a.response for a in analyses], [a.sample.answer for a in analyses]
+                reward,
+                texts,
+                [a.sample.answer for a in analyses],
+                **reward_inputs([a.sample for a in analyses], texts, loaded.processor),
             )
     except (ValueError, ImportError, AttributeError, FileNotFoundError, TypeError):
         pass  # a reward file that moved: the page still shows the responses

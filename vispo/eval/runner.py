@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vispo.eval.accuracy import correctness, generate_batch
+from vispo.eval.accuracy import correctness, generate_batch, reward_inputs
 from vispo.eval.benchmarks import Benchmark
 from vispo.eval.loading import LoadedModel
 from vispo.eval.metrics import summarize
@@ -137,8 +137,31 @@ def _run_reward(run_config) -> str | None:
         return None
     from vispo.rewards import REWARDS
 
-    name = run_config.reward.name
+    rc = run_config.reward
+    if getattr(rc, "funcs", None):
+        return _funcs_label(rc)
+    name = rc.name
     return name if name in REWARDS or name.endswith(".py") or ".py:" in name else None
+
+
+def _funcs_label(rc) -> str:
+    weights = list(rc.weights) or [1.0] * len(rc.funcs)
+    return " + ".join(f"{w:g}*{f}" for f, w in zip(rc.funcs, weights))
+
+
+def open_reward(name: str, run_config=None):
+    """The :class:`vispo.rewards.RewardRunner` for a resolved reward ``name``: the run's own
+    reward (its ``reward.funcs``, workers and timeout, as in training) when ``name`` is the
+    run's, else ``name`` under the run's (or the default) timeout and worker rule."""
+    from vispo.train.config import RewardConfig
+    from vispo.train.setup import load_reward
+
+    rc = run_config.reward if run_config is not None else None
+    if rc is not None and name == _run_reward(run_config):
+        return load_reward(rc)
+    if rc is not None:
+        return load_reward(RewardConfig(name=name, timeout_s=rc.timeout_s))
+    return load_reward(RewardConfig(name=name))
 
 
 def read_results(path: Path) -> list[dict]:
@@ -217,7 +240,6 @@ def evaluate_model(
     )
 
     from vispo.data import get_template
-    from vispo.rewards import RewardRunner
     from vispo.train.batch import image_budget
 
     settings = (settings or EvalSettings()).validate()
@@ -259,7 +281,7 @@ def evaluate_model(
     with Progress(*columns, disable=not progress) as bar:
         for bench, samples, resolved in plan:
             template = get_template(resolved["template"])
-            reward = RewardRunner(resolved["reward"], num_workers=0)
+            reward = open_reward(resolved["reward"], loaded.config)
             for mode, params in modes.items():
                 sig = _mode_signature(loaded, bench, params, settings, resolved)
                 used.add(sig)
@@ -291,7 +313,12 @@ def evaluate_model(
                     )
                     flat = [t for group in texts for t in group]
                     answers = [s.answer for s in chunk for _ in range(params["k"])]
-                    scores = correctness(reward, flat, answers)
+                    scores = correctness(
+                        reward,
+                        flat,
+                        answers,
+                        **reward_inputs(chunk, flat, loaded.processor, params["k"]),
+                    )
                     records = []
                     for j, sample in enumerate(chunk):
                         correct = scores[j * params["k"] : (j + 1) * params["k"]]

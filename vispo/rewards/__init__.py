@@ -14,11 +14,15 @@ from vispo.rewards.composite import (
     REWARDS,
     CompositeReward,
     FileReward,
+    MultiReward,
     RewardResult,
+    TRLReward,
     combine_outputs,
     load_reward_fn,
     reference_reward,
     resolve_reward,
+    reward_columns,
+    reward_style,
 )
 from vispo.rewards.extract import extract_answer, extract_boxed, normalize_answer
 from vispo.rewards.sandbox import ERROR_KINDS, RewardRunner
@@ -37,7 +41,9 @@ __all__ = [
     "REWARDS",
     "CompositeReward",
     "FileReward",
+    "MultiReward",
     "RewardResult",
+    "TRLReward",
     "RewardRunner",
     "answers_match",
     "choice_accuracy",
@@ -52,5 +58,7 @@ __all__ = [
     "normalize_answer",
     "reference_reward",
     "resolve_reward",
+    "reward_columns",
+    "reward_style",
     "yes_no_accuracy",
 ]

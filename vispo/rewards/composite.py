@@ -10,6 +10,18 @@ returning one value per completion: a float, or a dict of named components (summ
 are the other dataset columns of the batch, one list per column. Such a function can live in
 any file and be named in a config as ``"path/to/file.py:function"`` (:func:`load_reward_fn`).
 
+TRL's signature is accepted too (:func:`reward_style` tells them apart from the parameters)::
+
+    def my_reward(prompts, completions, completion_ids, **kwargs) -> list[float | None]:
+        ...
+
+called with conversational ``prompts``/``completions`` (``[{"role": ..., "content": ...}]``
+lists, as TRL passes them for image-text data), the completions' token ids, and the dataset's
+columns as keywords (the ground truth as ``solution`` and ``answer``). :class:`MultiReward`
+combines several functions with weights, each one logged as its own component
+(``reward.funcs`` / ``reward.weights`` in a config). :func:`reward_columns` builds the columns
+of a batch of samples, the same in training, evaluation, probe and report.
+
 Built-ins are per-sample verifiers ``(completion, answer) -> float`` combined with weights by
 :class:`CompositeReward`; :data:`REWARDS` names the ready-made ones for configs.
 """
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import math
 import numbers
 import sys
@@ -39,11 +52,16 @@ __all__ = [
     "REWARDS",
     "CompositeReward",
     "FileReward",
+    "MultiReward",
+    "RESERVED_COLUMNS",
     "RewardResult",
+    "TRLReward",
     "combine_outputs",
     "load_reward_fn",
     "reference_reward",
     "resolve_reward",
+    "reward_columns",
+    "reward_style",
 ]
 
 #: Signature of a per-sample verifier.
@@ -256,6 +274,8 @@ class FileReward:
         if not callable(fn):
             raise TypeError(f"{self.path}:{name} is a {type(fn).__name__}, not a callable")
         self.fn = fn
+        self.style = reward_style(fn)
+        self._call = TRLReward(fn, name) if self.style == "trl" else _wrap_vispo(fn)
         self.__name__ = getattr(fn, "__name__", name)
         self.__doc__ = getattr(fn, "__doc__", None)
 
@@ -265,7 +285,7 @@ class FileReward:
         return getattr(self.fn, "weights", None)
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str], **columns: Any) -> Any:
-        return self.fn(completions, answers, **columns)
+        return self._call(completions, answers, **columns)
 
     def __reduce__(self):
         return (FileReward, (str(self.path), self.name))
@@ -295,10 +315,14 @@ def load_reward_fn(spec: str) -> FileReward:
     return FileReward(path.resolve(), name)
 
 
-def resolve_reward(spec: str | Callable[..., Any]) -> Callable[..., Any]:
-    """A reward callable from a config value: a :data:`REWARDS` name, a file spec, or a callable."""
+def resolve_reward(spec: str | Callable[..., Any] | Sequence[Any]) -> Callable[..., Any]:
+    """A reward callable from a config value: a :data:`REWARDS` name, a file spec, a callable
+    (a TRL-style one is wrapped in :class:`TRLReward`), or a list of these (a
+    :class:`MultiReward` with weight 1 each)."""
     if callable(spec):
-        return spec
+        return TRLReward(spec) if reward_style(spec) == "trl" else _wrap_vispo(spec)
+    if isinstance(spec, (list, tuple)):
+        return MultiReward(spec)
     if isinstance(spec, str):
         if spec in REWARDS:
             return REWARDS[spec]()
@@ -308,3 +332,259 @@ def resolve_reward(spec: str | Callable[..., Any]) -> Callable[..., Any]:
             f"unknown reward {spec!r}: use one of {sorted(REWARDS)} or 'path/to/file.py:function'"
         )
     raise TypeError(f"reward must be a name, 'file.py:function' or a callable, got {spec!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# TRL-style functions, several functions with weights, and the columns a reward receives
+# --------------------------------------------------------------------------------------------
+
+#: Names a dataset column cannot take in a reward call (they are the call's own arguments);
+#: such columns are left out of ``columns``.
+RESERVED_COLUMNS = frozenset(
+    {"completions", "answers", "sample_ids", "prompts", "completion_ids", "trainer_state"}
+)
+
+_TRL_ONLY = {"prompts", "completion_ids", "trainer_state"}
+
+
+def _keyword_names(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or has no
+    readable signature): columns it does not name are then not passed to it."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+
+
+def _only_accepted(names: frozenset[str] | None, columns: dict[str, Any]) -> dict[str, Any]:
+    return columns if names is None else {k: v for k, v in columns.items() if k in names}
+
+
+class _NamedColumns:
+    """A vispo-style function without ``**columns``: called with the columns it names only
+    (e.g. ``f(completions, answers, question)`` gets ``question`` and nothing else)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.names = _keyword_names(fn)
+        self.__name__ = _fn_name(fn)
+
+    @property
+    def weights(self) -> Mapping[str, float] | None:
+        return getattr(self.fn, "weights", None)
+
+    def __call__(self, completions, answers, **columns):
+        return self.fn(completions, answers, **_only_accepted(self.names, columns))
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+def reward_style(fn: Callable[..., Any]) -> str:
+    """``"trl"`` or ``"vispo"``: how ``fn`` wants to be called, read from its parameters.
+
+    TRL style: a parameter named ``prompts``, ``completion_ids`` or ``trainer_state``, or a
+    first parameter named ``completions`` not followed by a positional ``answers`` (e.g.
+    ``f(completions, **kwargs)``, ``f(completions, solution, **kwargs)``). Anything else
+    (``f(completions, answers, **columns)``, ``f(c, a, **kw)``, a :class:`CompositeReward`)
+    is called the vispo way, ``f(completions, answers, **columns)``.
+    """
+    if isinstance(fn, (CompositeReward, FileReward, TRLReward, MultiReward, _NamedColumns)):
+        return "vispo"
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return "vispo"
+    if _TRL_ONLY & set(params):
+        return "trl"
+    positional = [
+        p
+        for p in params.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if positional and positional[0].name == "completions":
+        if len(positional) < 2 or positional[1].name != "answers":
+            return "trl"
+    return "vispo"
+
+
+def _wrap_vispo(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` itself, or wrapped so that it gets only the columns it names (no ``**columns``)."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):  # objects handle their own
+        return fn
+    return fn if _keyword_names(fn) is None else _NamedColumns(fn)
+
+
+def _fn_name(fn: Any) -> str:
+    return str(getattr(fn, "__name__", None) or type(fn).__name__)
+
+
+class TRLReward:
+    """A TRL-style reward function called through vispo's API.
+
+    ``fn(prompts=..., completions=..., completion_ids=..., **kwargs)`` receives
+    ``prompts[i] = [{"role": "user", "content": question}]``, ``completions[i] =
+    [{"role": "assistant", "content": text}]`` (conversational, as TRL passes them for
+    image-text data), ``completion_ids`` (the column of that name, else ``None`` per
+    completion), and every other column as a keyword, plus the ground truth as ``solution``
+    and ``answer`` unless the data has columns of those names. Its values (float, or ``None``
+    for "does not apply", counted as 0) become the component named ``name`` (default: the
+    function's name), so it is logged as ``reward/{name}/mean``.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        self.fn = fn
+        self.name = name or _fn_name(fn)
+        self.__name__ = self.name
+        self.names = _keyword_names(fn)
+
+    def __call__(
+        self, completions: Sequence[str], answers: Sequence[str], **columns: Any
+    ) -> list[Any]:
+        _check_batch(completions, answers)
+        n = len(completions)
+        columns = dict(columns)
+        questions = columns.get("question", [""] * n)
+        ids = columns.pop("completion_ids", None) or [None] * n
+        columns.setdefault("solution", list(answers))
+        columns.setdefault("answer", list(answers))
+        kwargs = {
+            "prompts": [[{"role": "user", "content": q}] for q in questions],
+            "completions": [[{"role": "assistant", "content": c}] for c in completions],
+            "completion_ids": list(ids),
+            "trainer_state": None,  # TRL passes its TrainerState; vispo has none to give
+            **columns,
+        }
+        if self.names is None:
+            kwargs.pop("trainer_state")
+        out = self.fn(**_only_accepted(self.names, kwargs))
+        if hasattr(out, "tolist") and getattr(out, "ndim", None) == 1:
+            out = out.tolist()
+        if not isinstance(out, (list, tuple)):
+            return out  # the runner reports the wrong type
+        return [
+            {self.name: 0.0 if v is None else v} if not isinstance(v, Mapping) else v for v in out
+        ]
+
+    def __repr__(self) -> str:
+        return f"TRLReward({self.name})"
+
+
+class MultiReward:
+    """Several reward functions with weights, each kept as its own component.
+
+    ``funcs``: reward specs as :func:`resolve_reward` takes them (a :data:`REWARDS` name, a
+    ``"file.py:function"``, a callable of either signature). A function that carries
+    ``weights`` (a :class:`CompositeReward`, e.g. ``"reference"``) contributes its own
+    components, each weighted by ``weight * its inner weight``; any other function is one
+    component named after it (a dict value from it is summed), weighted by ``weight``. A
+    repeated name gets a suffix ``_2``, ``_3``... The total is the weighted sum, as in TRL's
+    ``reward_weights``.
+    """
+
+    def __init__(self, funcs: Sequence[Any], weights: Sequence[float] | None = None):
+        funcs = list(funcs)
+        if not funcs:
+            raise ValueError("reward.funcs: name at least one reward function")
+        if weights is None or len(weights) == 0:
+            weights = [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ValueError(
+                f"reward.weights has {len(weights)} values for {len(funcs)} reward.funcs"
+            )
+        self.specs = funcs
+        self.func_weights = [float(w) for w in weights]
+        for w in self.func_weights:
+            if not math.isfinite(w):
+                raise ValueError(f"reward.weights: {w} is not finite")
+        self.fns = [resolve_reward(f) for f in funcs]
+        self.parts: list[tuple[Callable[..., Any], dict[str, str] | str]] = []
+        self._weights: dict[str, float] = {}
+        for spec, fn, w in zip(funcs, self.fns, self.func_weights):
+            inner = getattr(fn, "weights", None)
+            if isinstance(inner, Mapping) and inner:
+                mapping = {k: self._claim(k, w * float(v)) for k, v in inner.items()}
+                self.parts.append((fn, mapping))
+            else:
+                base = spec if isinstance(spec, str) and spec in REWARDS else _fn_name(fn)
+                self.parts.append((fn, self._claim(base, w)))
+        self.__name__ = "+".join(_fn_name(f) for f in self.fns)
+
+    def _claim(self, name: str, weight: float) -> str:
+        final, k = name, 1
+        while final in self._weights:
+            k += 1
+            final = f"{name}_{k}"
+        self._weights[final] = weight
+        return final
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Component name -> weight in the total."""
+        return dict(self._weights)
+
+    def __call__(
+        self, completions: Sequence[str], answers: Sequence[str], **columns: Any
+    ) -> list[dict[str, float]]:
+        _check_batch(completions, answers)
+        n = len(completions)
+        rows: list[dict[str, float]] = [{} for _ in range(n)]
+        for fn, naming in self.parts:
+            values = fn(list(completions), list(answers), **columns)
+            if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:
+                values = values.tolist()
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                raise ValueError(
+                    f"reward {_fn_name(fn)} returned {type(values).__name__} "
+                    f"{'of length ' + str(len(values)) if hasattr(values, '__len__') else ''}"
+                    f" for {n} completions"
+                )
+            for row, v in zip(rows, values):
+                if isinstance(naming, dict):
+                    if not isinstance(v, Mapping):
+                        raise TypeError(f"reward {_fn_name(fn)} returned {v!r}, expected a dict")
+                    for k, x in v.items():
+                        row[naming.get(k, k)] = x
+                elif isinstance(v, Mapping):
+                    row[naming] = sum(float(x) for x in v.values())
+                else:
+                    row[naming] = 0.0 if v is None else v
+        return rows
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s}*{w:g}" for s, w in zip(self.specs, self.func_weights))
+        return f"MultiReward({parts})"
+
+
+def reward_columns(
+    samples: Sequence[Any], repeat: int = 1, completion_ids: Sequence[Any] | None = None
+) -> dict[str, list[Any]]:
+    """The keyword columns a reward receives for ``samples`` (each repeated ``repeat`` times,
+    one per completion): ``question``, every other column of the data row
+    (``Sample.meta``: e.g. ``task``, ``source``, the file's extra columns; ``None`` where a
+    row lacks one) and ``completion_ids`` when given. Names in :data:`RESERVED_COLUMNS` are
+    left out. Training, evaluation, probe and report all call this, so a reward sees the
+    same columns everywhere.
+    """
+    keys: dict[str, None] = {}
+    for s in samples:
+        keys.update(dict.fromkeys(k for k in s.meta if k not in RESERVED_COLUMNS))
+    keys.pop("question", None)
+    cols: dict[str, list[Any]] = {"question": [s.question for s in samples for _ in range(repeat)]}
+    for k in keys:
+        cols[k] = [s.meta.get(k) for s in samples for _ in range(repeat)]
+    if completion_ids is not None:
+        ids = [list(map(int, x)) for x in completion_ids]
+        if len(ids) != len(cols["question"]):
+            raise ValueError(f"{len(ids)} completion_ids for {len(cols['question'])} completions")
+        cols["completion_ids"] = ids
+    return cols

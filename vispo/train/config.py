@@ -109,6 +109,15 @@ class RewardConfig:
         "Reward: reference (0.9 accuracy + 0.1 format), math, format, choice, yesno, exact, "
         "or 'path/to/file.py:function'.",
     )
+    funcs: list[str] = _f(
+        None,
+        "Several reward functions (names or 'file.py:function', vispo or TRL signature), "
+        "summed with reward.weights and each logged as reward/{name}/mean; replaces name.",
+        factory=list,
+    )
+    weights: list[float] = _f(
+        None, "Weights of reward.funcs, one per function (default: 1 each).", factory=list
+    )
     num_workers: int | None = _f(
         None,
         "Worker processes for the reward. Default: 1 for a reward file (sandboxed: a call that "
@@ -323,6 +332,11 @@ class Config:
         need(t.threads is None or t.threads >= 0, "train.threads", "must be >= 0")
         need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
         need(
+            not self.reward.weights or len(self.reward.weights) == len(self.reward.funcs),
+            "reward.weights",
+            f"has {len(self.reward.weights)} values for {len(self.reward.funcs)} reward.funcs",
+        )
+        need(
             self.reward.num_workers is None or self.reward.num_workers >= 0,
             "reward.num_workers",
             "must be >= 0",
@@ -392,6 +406,22 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: expected a list, got {value!r}") from None
+            if isinstance(value, (str, int, float)):  # a single item given without brackets
+                value = [value]
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        if inner is Any:
+            return list(value)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
             try:
@@ -455,6 +485,7 @@ def build_config(tree: dict | None = None) -> Config:
         sections[name] = values
     try:
         objective_values = dict(sections.pop("objective", {}))
+        _load_plugins(objective_values)
         preset = objective_values.pop("name", "grpo")
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(
@@ -474,6 +505,22 @@ def build_config(tree: dict | None = None) -> Config:
     except ValueError as e:  # field validation inside ObjectiveConfig
         raise ConfigError(str(e)) from None
     return Config(objective=objective, **built).validate()
+
+
+def _load_plugins(objective_values: dict) -> None:
+    """Import ``objective.plugins`` and the entry points of unknown ``extra_terms`` first, so
+    that the terms they register pass validation (vispo.train.plugins)."""
+    from vispo.train.plugins import load_terms
+
+    plugins = _coerce(objective_values.get("plugins", []), list[str], "objective.plugins")
+    # A plugin file is kept as an absolute path, so the saved config finds it from anywhere.
+    plugins = [str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in plugins]
+    if plugins:
+        objective_values["plugins"] = plugins
+    terms = objective_values.get("extra_terms") or {}
+    if isinstance(terms, str):
+        terms = _coerce(terms, dict[str, dict], "objective.extra_terms")
+    load_terms(plugins, list(terms) if isinstance(terms, dict) else [])
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -525,16 +572,18 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def help_text() -> str:
-    """Every field, its default and its help, grouped by section."""
+    """Every field, its built-in default and its help, grouped by section, each field once
+    (``vispo train --help`` shows the values a run uses instead:
+    :func:`vispo.train.presets.effective_help`)."""
     lines = []
     for name, sec in SECTIONS.items():
         cls = typing.get_type_hints(Config)[name]
         lines.append(f"{name}: {sec.metadata['help']}")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata.get("help", "")
+            if name == "objective" and f.name == "name":  # listed once, with the choices
+                help_ = f"Preset the objective starts from: {', '.join(PRESETS)}."
             lines.append(f"  {name}.{f.name} = {default!r}")
-            lines.append(f"      {f.metadata.get('help', '')}")
-    lines.append(
-        f"objective.name = 'grpo'\n      Preset the objective starts from: {', '.join(PRESETS)}."
-    )
+            lines.append(f"      {help_}")
     return "\n".join(lines)

@@ -103,28 +103,111 @@ def image_data_uri(image: Image.Image, max_side: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+#: Embedded images keep up to this many pixels a side (full size for the usual VQA images).
+FULL_IMAGE_SIDE = 1024
+_NEXT_MARK = "<!--vispo-next-->"
+_PAGE_GLOB = "step-*.html"
+
+_PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+    "td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top}"
+    "table{border-collapse:collapse;margin-bottom:1.5em}pre{white-space:pre-wrap;margin:0}"
+    "th{background:#f3f3f3}td.num{text-align:right;font-family:monospace}"
+    ".good{background:#e6f4e6}.bad{background:#fbeaea}"
+    "nav{margin:1em 0;font-size:1.1em}nav a,nav span{margin-right:1.5em}nav span{color:#999}"
+    "img.sample{height:256px;image-rendering:pixelated;cursor:zoom-in;margin-right:8px;"
+    "border:1px solid #ccc}img.sample.full{height:auto;min-height:512px;max-width:100%;"
+    "cursor:zoom-out}"
+)
+
+
+def correctness_component(components: dict) -> str | None:
+    """The component that says whether a completion is right: ``accuracy``, else the only one
+    whose name starts with ``accuracy`` (e.g. a TRL ``accuracy_reward``); None without one."""
+    if "accuracy" in components:
+        return "accuracy"
+    starts = [k for k in components if k.startswith("accuracy")]
+    return starts[0] if len(starts) == 1 else None
+
+
+def _page_step(path: Path) -> int | None:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _nav(prev: Path | None, next_: Path | None) -> str:
+    left = (
+        f"<a href='{prev.name}'>&larr; previous page</a>"
+        if prev
+        else "<span>&larr; first page</span>"
+    )
+    if next_ is not None:
+        right = f"<a href='{next_.name}'>next page &rarr;</a>"
+    else:
+        right = f"{_NEXT_MARK}<span>latest page</span>{_NEXT_MARK}"
+    return f"<nav>{left}{right}</nav>"
+
+
 def write_samples_page(path: Path, step: int, rows: list[dict]) -> None:
-    """One self-contained HTML page: per row the image(s), question, answer, completions and
-    their rewards. ``rows``: dicts with images, question, answer, completions, rewards."""
+    """One self-contained HTML page: per row the image(s), question, answer, completions, each
+    reward component and the total. ``rows``: dicts with images, question, answer,
+    completions, rewards (totals) and optionally components (name -> one value per
+    completion).
+
+    A completion is coloured by correctness (:func:`correctness_component`; green >= 0.5),
+    not by its total reward; rows without such a component are not coloured. Images are
+    embedded at up to :data:`FULL_IMAGE_SIDE` px and shown 256 px high; a click shows one at
+    full size (at least 512 px high, so that a 64 px image is enlarged, not shrunk). Pages link to the previous and next page of the same folder (the previous page
+    gets its "next" link when this one is written).
+    """
+    path = Path(path)
+    siblings = sorted(
+        (p for p in path.parent.glob(_PAGE_GLOB) if p != path and _page_step(p) is not None),
+        key=_page_step,
+    )
+    prev = [p for p in siblings if _page_step(p) < step]
+    later = [p for p in siblings if _page_step(p) > step]
+    prev_page, next_page = (prev[-1] if prev else None), (later[0] if later else None)
     parts = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>vispo samples, step {step}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px;"
-        "vertical-align:top}table{border-collapse:collapse}pre{white-space:pre-wrap;margin:0}"
-        ".good{background:#e6f4e6}.bad{background:#fbeaea}</style>",
+        f"<style>{_PAGE_STYLE}</style>",
         f"<h1>Sample completions at step {step}</h1>",
+        _nav(prev_page, next_page),
+        "<p>Green: correct, red: wrong (by the accuracy component). Click an image to see it at "
+        "full size (small images: 512 px high); its size in pixels is in its tooltip.</p>",
     ]
     for row in rows:
-        imgs = "".join(f"<img src='{image_data_uri(im)}'>" for im in row["images"])
+        imgs = "".join(
+            f"<img class='sample' src='{image_data_uri(im, FULL_IMAGE_SIDE)}' "
+            f"alt='image {k + 1}' title='{im.width}x{im.height} px' "
+            "onclick=\"this.classList.toggle('full')\">"
+            for k, im in enumerate(row["images"])
+        )
         parts.append(f"<h3>{html.escape(row['question'])}</h3><p>{imgs}</p>")
         parts.append(f"<p>Reference answer: <b>{html.escape(str(row['answer']))}</b></p>")
-        parts.append("<table><tr><th>completion</th><th>reward</th></tr>")
-        for text, reward in zip(row["completions"], row["rewards"]):
-            cls = "good" if reward > 0.5 else "bad"
+        components = dict(row.get("components") or {})
+        key = correctness_component(components)
+        head = "".join(f"<th>{html.escape(name)}</th>" for name in components)
+        parts.append(f"<table><tr><th>completion</th>{head}<th>total reward</th></tr>")
+        for j, (text, reward) in enumerate(zip(row["completions"], row["rewards"])):
+            cls = ""
+            if key is not None:
+                cls = " class='good'" if components[key][j] >= 0.5 else " class='bad'"
+            cells = "".join(f"<td class='num'>{float(v[j]):.3f}</td>" for v in components.values())
             parts.append(
-                f"<tr class='{cls}'><td><pre>{html.escape(text)}</pre></td>"
-                f"<td>{reward:.3f}</td></tr>"
+                f"<tr{cls}><td><pre>{html.escape(text)}</pre></td>{cells}"
+                f"<td class='num'>{float(reward):.3f}</td></tr>"
             )
         parts.append("</table>")
+    parts.append(_nav(prev_page, next_page))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
+    if prev_page is not None:  # the previous page now has a next page: link it
+        text = prev_page.read_text()
+        placeholder = f"{_NEXT_MARK}<span>latest page</span>{_NEXT_MARK}"
+        if placeholder in text:
+            link = f"<a href='{path.name}'>next page &rarr;</a>"
+            prev_page.write_text(text.replace(placeholder, link))

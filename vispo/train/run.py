@@ -13,15 +13,6 @@ from vispo.train.checkpoint import CheckpointError
 from vispo.train.config import Config, ConfigError
 from vispo.train.trainer import Trainer, TrainingStopped
 
-CURVES = (
-    ("reward/mean", "reward"),
-    ("accuracy/mean", "train accuracy (rollouts)"),
-    ("perception/kl_mean", "perception KL"),
-    ("entropy/orig", "entropy (original)"),
-    ("entropy/mask", "entropy (masked)"),
-    ("clip/high", "clip fraction (high)"),
-)
-
 
 def run_training(cfg: Config, *, resume: bool = False) -> int:
     console = Console()
@@ -39,9 +30,10 @@ def run_training(cfg: Config, *, resume: bool = False) -> int:
     wall = time.perf_counter() - start
     from vispo.train.logging import read_metrics
 
-    metrics = [m for m in read_metrics(cfg.train.out_dir) if "reward/mean" in m]
+    records = read_metrics(cfg.train.out_dir)
+    metrics = [m for m in records if "reward/mean" in m]
     plot_curves(
-        metrics,
+        records,  # with the held-out accuracy records
         Path(cfg.train.out_dir) / "curves.png",
         events=[e.step for e in trainer.guard.events],
     )
@@ -75,10 +67,12 @@ def summary_table(trainer: Trainer, metrics: list[dict], wall: float) -> Table:
             f"{ev['accuracy_before']:.3f}",
             f"{ev.get('accuracy_after', float('nan')):.3f}",
         )
-    for key, label in (
-        ("reward/mean", "reward (first/last 20% of steps)"),
-        ("perception/kl_mean", "perception KL (first/last 20%)"),
-    ):
+    from vispo.train.curves import reward_components
+
+    rows = [("reward/mean", "reward (first/last 20% of steps)")]
+    rows += [(f"reward/{c}/mean", f"  reward component: {c}") for c in reward_components(metrics)]
+    rows.append(("perception/kl_mean", "perception KL (first/last 20%)"))
+    for key, label in rows:
         a, b = _mean(metrics, key, True), _mean(metrics, key, False)
         if a is not None:
             table.add_row(label, f"{a:.4f}", f"{b:.4f}")
@@ -86,25 +80,9 @@ def summary_table(trainer: Trainer, metrics: list[dict], wall: float) -> Table:
     return table
 
 
-def plot_curves(metrics: list[dict], path: Path, *, events: list[int] = ()) -> None:
-    import matplotlib
+def plot_curves(metrics: list[dict], path: Path, *, events: list[int] = ()) -> list[str]:
+    """``curves.png``: a grid of the run's panels (:mod:`vispo.train.curves`); returns their
+    titles."""
+    from vispo.train.curves import plot_grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    present = [(k, label) for k, label in CURVES if any(k in m for m in metrics)]
-    if not present:
-        return
-    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], present):
-        pts = [(m["step"], m[key]) for m in metrics if key in m]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        for s in events:
-            ax.axvline(s, color="red", lw=0.8, ls="--")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return plot_grid(metrics, Path(path), events=events)

@@ -11,7 +11,7 @@ from vispo.data import (
     load_builtin,
     load_samples,
 )
-from vispo.rewards import REWARDS, RewardRunner
+from vispo.rewards import REWARDS, MultiReward, RewardRunner
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -231,9 +231,15 @@ def describe_eval_data(eval_data, eval_size: int) -> str:
 
 
 def load_reward(rcfg) -> RewardRunner:
-    """The run's reward; user reward files run sandboxed in a worker unless
-    ``reward.num_workers`` says otherwise (a hang or crash there must not stop training)."""
+    """The run's reward (``reward.funcs`` with ``reward.weights`` when given, else
+    ``reward.name``); user reward files run sandboxed in a worker unless
+    ``reward.num_workers`` says otherwise (a hang or crash there must not stop training).
+    Evaluation, probe and report build their reward here too, so it runs under the same
+    timeout everywhere."""
+    funcs = list(getattr(rcfg, "funcs", None) or [])
+    specs = funcs or [rcfg.name]
     workers = rcfg.num_workers
     if workers is None:
-        workers = 0 if rcfg.name in REWARDS else 1
-    return RewardRunner(rcfg.name, num_workers=workers, timeout_s=rcfg.timeout_s)
+        workers = 0 if all(isinstance(f, str) and f in REWARDS for f in specs) else 1
+    fn = MultiReward(funcs, list(rcfg.weights or []) or None) if funcs else rcfg.name
+    return RewardRunner(fn, num_workers=workers, timeout_s=rcfg.timeout_s)

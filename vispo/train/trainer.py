@@ -24,6 +24,7 @@ from vispo.algos import noisy_rollout_plan, overlong_penalty, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.prefix import shared_prefix_unsupported
 from vispo.models.scoring import encode_prompts
+from vispo.rewards import reward_columns
 from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
 from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -309,7 +310,14 @@ class Trainer:
                 rollout.texts,
                 [s.answer for s in per_seq],
                 sample_ids=[s.id for s in per_seq],
-                question=[s.question for s in per_seq],
+                **reward_columns(
+                    samples,
+                    cfg.rollout.n,
+                    [
+                        ids[:k]
+                        for ids, k in zip(rollout.response_ids.tolist(), rollout.lengths.tolist())
+                    ],
+                ),
             )
             rewards = torch.tensor(result.total, dtype=torch.float32)
             if cfg.reward.overlong_buffer > 0:
@@ -499,8 +507,12 @@ class Trainer:
         if self.metrics_log is not None:
             self.metrics_log.log(step, metrics)
         self.history.append({"step": step, **metrics})
-        if cfg.train.samples_every and step % cfg.train.samples_every == 0 and self.dist.main:
-            self._write_samples(step)
+        page_due = cfg.train.samples_every and step % cfg.train.samples_every == 0
+        stopping = self.updates.skipped_in_row >= cfg.train.max_skipped_in_row or (
+            event is not None and event.action == "stop"
+        )
+        if (page_due or step == cfg.train.steps or stopping) and self.dist.main:
+            self._write_samples(step)  # always one at the end of a run, a stopped one too
         if self.updates.skipped_in_row >= cfg.train.max_skipped_in_row:
             path = self.save()
             raise TrainingStopped(
@@ -527,6 +539,7 @@ class Trainer:
                 "answer": g.sample.answer,
                 "completions": g.texts,
                 "rewards": g.rewards.tolist(),
+                "components": {k: v.tolist() for k, v in g.components.items()},
             }
             for g in last.groups[: self.cfg.logging.samples_per_page]
         ]
