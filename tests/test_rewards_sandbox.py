@@ -16,7 +16,13 @@ import time
 
 import pytest
 
-from vispo.rewards import ERROR_KINDS, RewardRunner, load_reward_fn, reference_reward
+from vispo.rewards import (
+    ERROR_KINDS,
+    RewardError,
+    RewardRunner,
+    load_reward_fn,
+    reference_reward,
+)
 
 BAD_REWARD = """
 import math, os, time
@@ -193,15 +199,16 @@ def test_composite_reward_by_name_uses_its_weights():
     assert result.components == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
 
 
-def test_worker_that_cannot_load_the_reward_is_a_clear_error(tmp_path):
-    path = tmp_path / "vanishing.py"
+def test_a_reward_that_cannot_load_is_a_clear_error_at_construction(tmp_path):
+    path = tmp_path / "r.py"
     path.write_text("def f(c, a, **kw):\n    return [0.0] * len(c)\n")
-    fn = load_reward_fn(f"{path}:f")
-    path.unlink()  # the worker re-loads the file by path and fails
-    r = RewardRunner(fn, num_workers=1, timeout_s=5.0)
-    with pytest.raises(RuntimeError, match="could not load the reward function"):
-        r(["a"], ["b"])
-    assert r.worker_pids == []
+    with pytest.raises(RewardError, match=r"defines no 'g'; callables there: f"):
+        RewardRunner(f"{path}:g", num_workers=1, timeout_s=5.0)
+    (tmp_path / "bad.py").write_text("import no_such_module_xyz\n")
+    with pytest.raises(RewardError, match="No module named 'no_such_module_xyz'"):
+        RewardRunner(f"{tmp_path / 'bad.py'}:f", num_workers=1, timeout_s=5.0)
+    with pytest.raises(FileNotFoundError, match="reward file not found"):
+        RewardRunner(f"{tmp_path / 'missing.py'}:f", num_workers=1)
 
 
 def test_unpicklable_reward_is_refused_before_spawning():

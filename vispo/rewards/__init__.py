@@ -17,11 +17,12 @@ from vispo.rewards.composite import (
     RewardResult,
     combine_outputs,
     load_reward_fn,
+    parse_reward_file,
     reference_reward,
     resolve_reward,
 )
 from vispo.rewards.extract import extract_answer, extract_boxed, normalize_answer
-from vispo.rewards.sandbox import ERROR_KINDS, RewardRunner
+from vispo.rewards.sandbox import ERROR_KINDS, Limits, RewardError, RewardRunner
 from vispo.rewards.verifiers import (
     answers_match,
     choice_accuracy,
@@ -37,6 +38,8 @@ __all__ = [
     "REWARDS",
     "CompositeReward",
     "FileReward",
+    "Limits",
+    "RewardError",
     "RewardResult",
     "RewardRunner",
     "answers_match",
@@ -50,6 +53,7 @@ __all__ = [
     "load_reward_fn",
     "math_accuracy",
     "normalize_answer",
+    "parse_reward_file",
     "reference_reward",
     "resolve_reward",
     "yes_no_accuracy",

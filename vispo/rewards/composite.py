@@ -17,7 +17,6 @@ Built-ins are per-sample verifiers ``(completion, answer) -> float`` combined wi
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import numbers
 import sys
@@ -42,6 +41,7 @@ __all__ = [
     "RewardResult",
     "combine_outputs",
     "load_reward_fn",
+    "parse_reward_file",
     "reference_reward",
     "resolve_reward",
 ]
@@ -213,17 +213,18 @@ REWARDS: dict[str, Callable[..., CompositeReward]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _exec_file(path: Path) -> ModuleType:
-    """Execute the Python file at ``path`` as a private module (no sys.path search)."""
+def _exec_file(path: Path, source: str | None = None) -> ModuleType:
+    """Execute the Python file at ``path`` (or ``source``, its text, when given) as a private
+    module (no sys.path search)."""
     module_name = "_vispo_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python file")
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(module_name)
+    module.__file__ = str(path)
     # Registered so that dataclasses and similar code inside the file can find their module.
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        if source is None:
+            source = path.read_text(encoding="utf-8")
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (the user's file)
     except (Exception, SystemExit) as e:
         sys.modules.pop(module_name, None)
         raise ImportError(
@@ -235,15 +236,19 @@ def _exec_file(path: Path) -> ModuleType:
 class FileReward:
     """A reward function loaded from ``path`` by name.
 
-    Behaves like the function. It pickles as ``(path, name)`` and loads the file again when
-    unpickled, which is how it reaches sandbox worker processes (a function from a file that
-    is not an importable module cannot be pickled by reference).
+    Behaves like the function. It pickles as ``(path, name, source)`` and executes the source
+    again when unpickled, which is how it reaches sandbox worker processes (a function from a
+    file that is not an importable module cannot be pickled by reference, and the worker may
+    run as a user that cannot read the file).
     """
 
-    def __init__(self, path: str | Path, name: str):
+    def __init__(self, path: str | Path, name: str, source: str | None = None):
         self.path = Path(path)
         self.name = name
-        module = _exec_file(self.path)
+        if source is None:
+            source = self.path.read_text(encoding="utf-8")
+        self.source = source
+        module = _exec_file(self.path, source)
         if not hasattr(module, name):
             available = sorted(
                 k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
@@ -268,20 +273,16 @@ class FileReward:
         return self.fn(completions, answers, **columns)
 
     def __reduce__(self):
-        return (FileReward, (str(self.path), self.name))
+        return (FileReward, (str(self.path), self.name, self.source))
 
     def __repr__(self) -> str:
         return f"FileReward('{self.path}:{self.name}')"
 
 
-def load_reward_fn(spec: str) -> FileReward:
-    """Load the reward callable named by ``"path/to/file.py:function"`` from exactly that file.
-
-    The file is executed as a private module: nothing is looked up on ``sys.path`` and no
-    module is imported by name. Raises ``ValueError`` for a malformed spec,
-    ``FileNotFoundError`` for a missing file, ``ImportError`` if executing the file fails,
-    ``AttributeError`` if it has no such name, ``TypeError`` if the name is not callable.
-    """
+def parse_reward_file(spec: str) -> tuple[Path, str]:
+    """``(absolute path, function name)`` of a ``"path/to/file.py:function"`` spec, checked
+    without executing anything: ``ValueError`` for a malformed spec, ``FileNotFoundError`` for
+    a missing file."""
     if not isinstance(spec, str):
         raise TypeError(f"reward spec must be a str 'path/to/file.py:function', got {spec!r}")
     path_text, sep, name = spec.rpartition(":")
@@ -292,7 +293,21 @@ def load_reward_fn(spec: str) -> FileReward:
         raise ValueError(f"reward spec {spec!r}: {path} is not a .py file")
     if not path.is_file():
         raise FileNotFoundError(f"reward file not found: {path} (from spec {spec!r})")
-    return FileReward(path.resolve(), name)
+    return path.resolve(), name
+
+
+def load_reward_fn(spec: str) -> FileReward:
+    """Load the reward callable named by ``"path/to/file.py:function"`` from exactly that file.
+
+    The file is executed as a private module *in this process*: nothing is looked up on
+    ``sys.path`` and no module is imported by name. (A :class:`vispo.rewards.RewardRunner`
+    given the spec string instead executes the file only inside its worker processes.) Raises
+    ``ValueError`` for a malformed spec, ``FileNotFoundError`` for a missing file,
+    ``ImportError`` if executing the file fails, ``AttributeError`` if it has no such name,
+    ``TypeError`` if the name is not callable.
+    """
+    path, name = parse_reward_file(spec)
+    return FileReward(path, name)
 
 
 def resolve_reward(spec: str | Callable[..., Any]) -> Callable[..., Any]:

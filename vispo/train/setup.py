@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vispo.data import BUILTIN_DATASETS, filter_by_prompt_length, load_builtin, load_samples
-from vispo.rewards import REWARDS, RewardRunner
+from vispo.rewards import REWARDS, Limits, RewardRunner
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -82,4 +82,19 @@ def load_reward(rcfg) -> RewardRunner:
     workers = rcfg.num_workers
     if workers is None:
         workers = 0 if rcfg.name in REWARDS else 1
-    return RewardRunner(rcfg.name, num_workers=workers, timeout_s=rcfg.timeout_s)
+    limits = Limits(
+        env=tuple(rcfg.env),
+        memory_mb=rcfg.memory_mb,
+        cpu_s=rcfg.cpu_s,
+        file_size_mb=rcfg.file_size_mb,
+        max_processes=rcfg.max_processes,
+        user=rcfg.user,
+        network=rcfg.network,
+    )
+    return RewardRunner(
+        rcfg.name,
+        num_workers=workers,
+        timeout_s=rcfg.timeout_s,
+        limits=limits,
+        max_consecutive_failures=rcfg.max_consecutive_failures,
+    )
