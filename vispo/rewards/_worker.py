@@ -97,12 +97,74 @@ def _tasks_of(uid: int) -> int:
 
 
 def _needed_paths() -> list[str]:
-    """Folders the worker imports from: the standard library, site-packages, vispo."""
+    """Folders the worker needs: the standard library, site-packages, vispo, the runner's
+    ``sys.path`` entries, its own working folder."""
     import sysconfig
 
     paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     paths.add(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    return sorted(p for p in paths if os.path.isdir(p))
+    paths.update(p for p in sys.path if p)
+    paths.add(os.getcwd())
+    return sorted(os.path.abspath(p) for p in paths if os.path.isdir(p))
+
+
+_MS_BIND, _MS_REC, _MS_PRIVATE, _MNT_DETACH, _CLONE_NEWNS = 4096, 16384, 1 << 18, 2, 0x20000
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = ""):
+    libc = ctypes.CDLL(None, use_errno=True)
+    enc = [None if x is None else x.encode() for x in (source, target, fstype)]
+    if libc.mount(*enc, flags, data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _expose(paths: list[str], uid: int, gid: int) -> None:
+    """Make ``paths`` readable to ``uid`` without changing any permission on disk.
+
+    A folder above them that the user may not enter (e.g. ``/root``, 0700, when Python lives
+    in ``/root/.pyenv``) is covered, in a private mount namespace of this process only, by an
+    empty tmpfs into which just the needed folders are bind-mounted back: the worker sees them
+    and nothing else of that folder. Raises ``OSError`` if that is refused or not enough.
+    """
+    blocked = [p for p in paths if not _readable_by(p, uid, gid)]
+    if not blocked:
+        return
+    err = _libc_call("unshare", _CLONE_NEWNS)
+    if err:
+        raise OSError(err, f"it cannot read {blocked[0]} (unshare: {os.strerror(err)})")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    staged: dict[str, str] = {}  # covered folder -> where its original content is reachable
+    for path in blocked:
+        top = _first_blocking(path, uid, gid)
+        if top is None or top == path:
+            continue
+        if top not in staged:
+            stage = os.path.join(os.getcwd(), f".stage{len(staged)}")
+            os.mkdir(stage, 0o700)
+            _mount(top, stage, None, _MS_BIND | _MS_REC)
+            _mount("tmpfs", top, "tmpfs", 0, "mode=0755,size=1m")
+            staged[top] = stage
+        rel = os.path.relpath(path, top)
+        os.makedirs(os.path.join(top, rel), mode=0o755, exist_ok=True)
+        _mount(os.path.join(staged[top], rel), path, None, _MS_BIND | _MS_REC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for stage in staged.values():  # the rest of a covered folder stays out of reach
+        libc.umount2(stage.encode(), _MNT_DETACH)
+        os.rmdir(stage)
+    still = [p for p in paths if not _readable_by(p, uid, gid)]
+    if still:
+        raise OSError(f"it cannot read {still[0]}, which the worker needs")
+
+
+def _first_blocking(path: str, uid: int, gid: int) -> str | None:
+    """The outermost folder on the way to ``path`` that ``uid`` cannot enter or list."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if not _readable_by(prefix, uid, gid):
+            return prefix
+    return None
 
 
 def _readable_by(path: str, uid: int, gid: int) -> bool:
@@ -156,10 +218,8 @@ def restrict(limits: Limits, parent_pid: int) -> list[str]:
                 import pwd
 
                 pw = pwd.getpwnam(limits.user)
-                blocked = [p for p in _needed_paths() if not _readable_by(p, pw.pw_uid, pw.pw_gid)]
-                if blocked:
-                    raise OSError(f"it cannot read {blocked[0]}, which Python needs")
                 os.chown(os.getcwd(), pw.pw_uid, pw.pw_gid)
+                _expose(_needed_paths(), pw.pw_uid, pw.pw_gid)
                 os.setgroups([])
                 os.setgid(pw.pw_gid)
                 os.setuid(pw.pw_uid)
