@@ -62,7 +62,17 @@ def load_train_data(dcfg, processor, template, *, log=print):
     data = load_split(dcfg, dcfg.split, dcfg.limit)
     if getattr(data, "n_skipped", 0):
         log(f"data: skipped {data.n_skipped} bad samples ({dict(data.skipped)})")
-    kept, dropped = filter_by_prompt_length(data, processor, template, dcfg.max_prompt_length)
+    kept, dropped = filter_by_prompt_length(
+        data, processor, template, dcfg.max_prompt_length, on_error=dcfg.on_error
+    )
+    refused = kept.skipped.get("processor_error", 0)
+    if refused:
+        log(f"data: skipped {refused} samples the processor refuses ({kept.errors[-1]})")
+    if kept.neutralised:
+        log(
+            f"data: neutralised chat-control/image tokens in the text of {len(kept.neutralised)}"
+            " samples (now plain text)"
+        )
     if dropped:
         log(f"data: dropped {dropped} prompts longer than {dcfg.max_prompt_length} tokens")
     if len(kept) == 0:
