@@ -18,6 +18,7 @@ import pytest
 
 from vispo.rewards import (
     ERROR_KINDS,
+    Limits,
     RewardError,
     RewardRunner,
     load_reward_fn,
@@ -298,3 +299,64 @@ def test_in_process_reference_reward_matches_direct_scoring():
     assert via_runner == direct
     assert direct.total == pytest.approx([1.0, 0.0, 0.9])
     assert not math.isnan(sum(direct.total))
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards the trainer cannot use, isolation defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_values_that_overflow_float32_are_nan_errors():
+    def overflow(completions, answers, **columns):
+        return [{"big": 1e39}, 2.0, {"a": 3e38, "b": 3e38}, -3.5e38, 10**400]
+
+    r = RewardRunner(overflow, num_workers=0, max_consecutive_failures=0)
+    result = r(["a"] * 5, ["x"] * 5)
+    assert result.total == [0.0, 2.0, 0.0, 0.0, 0.0]
+    assert r.errors == {"nan": 4}
+
+
+def test_a_reward_failing_on_every_call_stops_after_the_configured_count(reward_file):
+    r = RewardRunner(
+        load_reward_fn(f"{reward_file}:reward"), num_workers=0, max_consecutive_failures=3
+    )
+    r(["raise"], ["x"])
+    r(["raise"], ["x"])
+    r(["ok", "raise"], ["x", "x"])  # one sample scored: the count starts again
+    r(["raise"], ["x"])
+    r(["raise"], ["x"])
+    with pytest.raises(RewardError, match=r"failed on every sample of 3 calls in a row .*boom"):
+        r(["raise"], ["x"])
+    with pytest.raises(RuntimeError, match="closed"):
+        r(["a"], ["x"])
+
+
+def test_a_file_reward_in_workers_reports_its_weights(tmp_path):
+    path = tmp_path / "weighted.py"
+    path.write_text(
+        "from vispo.rewards import CompositeReward\n"
+        "def acc(c, a):\n    return float(c == a)\n"
+        "r = CompositeReward({'acc': (acc, 0.25), 'len': (lambda c, a: float(len(c)), 1.0)})\n"
+    )
+    with RewardRunner(f"{path}:r", num_workers=1, timeout_s=10.0) as runner:
+        assert runner.weights == {"acc": 0.25, "len": 1.0}
+        assert runner(["x", "yy"], ["x", "x"]).total == [1.25, 2.0]
+
+
+def test_the_config_sets_the_worker_limits(monkeypatch, tmp_path):
+    from vispo.train import setup as train_setup
+    from vispo.train.config import RewardConfig
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, name, **kwargs):
+            made.update(kwargs)
+
+    monkeypatch.setattr(train_setup, "RewardRunner", Recorder)
+    cfg = RewardConfig(name=f"{tmp_path / 'r.py'}:f", env=["HF_TOKEN"], memory_mb=100, network=True)
+    train_setup.load_reward(cfg)
+    assert made["limits"] == Limits(env=("HF_TOKEN",), memory_mb=100, network=True)
+    assert made["max_consecutive_failures"] == 5
+    default = RewardConfig()
+    assert (default.env, default.user, default.network) == ([], "nobody", False)

@@ -414,6 +414,8 @@ def test_the_processor_filter_catches_what_the_loader_cannot(fault_table):
         and kept.skipped == {"processor_error": 1}
         and kept.neutralised == {"forged": 4}
         and forged.question.replace(ZWSP, "") == FORGED
+        and not set(processor.tokenizer(forged.question)["input_ids"])
+        & set(processor.tokenizer.all_special_ids)
         and dropped == 0
     )
     fault_table(

@@ -1,9 +1,13 @@
 """Running reward functions so that a broken one cannot stop training.
 
 :class:`RewardRunner` calls a batch reward function (the user API of
-:mod:`vispo.rewards.composite`) on chunks of a batch in a pool of worker processes started
-with ``spawn`` (or ``forkserver``). Each call has a wall-clock timeout; a worker that exceeds
-it, or dies, is killed and replaced. Whatever goes wrong, the affected samples get reward 0,
+:mod:`vispo.rewards.composite`) on chunks of a batch in a pool of worker processes, each a
+fresh interpreter restricted before the reward is loaded (minimal environment, own folder and
+process group, resource limits, no network, an unprivileged user where possible: see
+:mod:`vispo.rewards._worker`). A reward file named by path is executed only in the workers,
+and its loading has the same timeout as a call. Each call has a wall-clock timeout; a worker
+that exceeds it, or dies, is killed with its whole process group and replaced. Whatever goes
+wrong, the affected samples get reward 0,
 the failure is counted in :attr:`RewardRunner.errors` by kind and logged once per kind with a
 sample id, and the batch completes:
 
@@ -13,7 +17,8 @@ kind            meaning
 exception       the function raised
 timeout         no result within ``timeout_s`` (the worker is killed and replaced)
 crash           the worker process died (segfault, ``os._exit``, out of memory)
-nan             a value (or a component of a dict value) is NaN or infinite
+nan             a value (or a component, or a dict's weighted total) is NaN or infinite,
+                also once converted to float32 (the trainer's reward tensors)
 wrong_length    the function returned a different number of values than completions
 bad_type        the result is not a list, or a value is not a number / dict of numbers
 ==============  ===========================================================================
@@ -28,6 +33,9 @@ values only zero those samples.
 What a worker prints is discarded at the file-descriptor level; Python-level prints are
 kept up to ``output_limit`` characters per call and logged at DEBUG level, so a reward that
 prints megabytes cannot flood the training log.
+
+A reward that fails on every sample of ``max_consecutive_failures`` calls in a row raises
+:class:`RewardError` (a broken reward would otherwise train on zeros for the whole run).
 
 ``num_workers=0`` runs the function in this process (no timeout, no isolation from crashes)
 with the same validation and per-sample retries: for trusted, fast built-ins.
