@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faultkit import PARITY_REWARD, PYTHON, TINY, subprocess_env, write_reward_file
+from faultkit import PYTHON, TINY, subprocess_env, write_reward_file
 
 from vispo.rewards import Limits, RewardError, RewardRunner
 from vispo.train.config import load_config
@@ -374,34 +374,60 @@ def test_reward_file_is_imported_only_in_the_worker_under_the_timeout(shared, fa
     assert held, (importer, os.getpid(), elapsed)
 
 
-def test_the_trainer_killed_leaves_no_worker(shared, fault_table):
-    """SIGKILL of the trainer: the worker dies with it (PR_SET_PDEATHSIG)."""
-    (shared / "r.py").write_text(PARITY_REWARD)
-    script = (
-        "import sys, time\n"
-        "from vispo.rewards import RewardRunner\n"
-        f"r = RewardRunner({str(shared / 'r.py') + ':parity'!r}, num_workers=2)\n"
-        "print(*r.worker_pids, flush=True)\n"
-        "time.sleep(600)\n"
-    )
-    trainer = subprocess.Popen(
-        [PYTHON, "-c", script], stdout=subprocess.PIPE, text=True, env=subprocess_env()
-    )
-    pids = [int(p) for p in trainer.stdout.readline().split()]
-    trainer.kill()
-    trainer.wait()
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    survivors = [p for p in pids if _alive(p)]
+SPAWNS_A_CHILD = """
+import os, subprocess
+
+
+def reward(completions, answers, **columns):
+    child = subprocess.Popen(["sleep", "600"])  # left running when the call returns
+    with open(os.path.join({tmp!r}, f"child-{{child.pid}}"), "w"):
+        pass
+    return [0.0] * len(completions)
+"""
+
+
+def test_no_reward_process_outlives_the_trainer(shared, fault_table):
+    """The trainer exits without closing the runner, or is killed with SIGKILL: no worker
+    survives, nor any process a reward started (the worker's watchdog kills its group)."""
+    (shared / "r.py").write_text(SPAWNS_A_CHILD.format(tmp=str(shared / "tmp")))
+    outcomes = {}
+    for how in ("exit", "kill"):
+        script = (
+            "import time\n"
+            "from vispo.rewards import RewardRunner\n"
+            f"r = RewardRunner({str(shared / 'r.py') + ':reward'!r}, num_workers=2)\n"
+            "r(['a', 'b', 'c', 'd'], [''] * 4)\n"
+            "print(*r.worker_pids, flush=True)\n" + ("time.sleep(600)\n" if how == "kill" else "")
+        )
+        trainer = subprocess.Popen(
+            [PYTHON, "-c", script], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+        )
+        pids = [int(p) for p in trainer.stdout.readline().split()]
+        children = [int(p.name.split("-")[1]) for p in (shared / "tmp").glob("child-*")]
+        for p in (shared / "tmp").glob("child-*"):
+            p.unlink()
+        if how == "kill":
+            trainer.kill()
+        trainer.wait(60)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers_left = [p for p in pids if _alive(p)]
+        children_left = [p for p in children if _alive(p)]
+        for p in children_left:  # a failure: do not leave them running
+            os.kill(p, 9)
+        outcomes[how] = (len(pids), workers_left, len(children), children_left)
+    exit_ok = outcomes["exit"][0] == 2 and outcomes["exit"][1:] == ([], outcomes["exit"][2], [])
+    kill_ok = outcomes["kill"][0] == 2 and outcomes["kill"][1:] == ([], outcomes["kill"][2], [])
     fault_table(
         "rewards",
-        "trainer killed with SIGKILL: reward workers",
-        len(pids),
-        len(pids) - len(survivors),
-        lost="0 workers left running",
+        "trainer exits without close() / is SIGKILLed: reward workers and their children",
+        2,
+        int(exit_ok) + int(kill_ok),
+        lost=f"0 workers and 0 of {outcomes['exit'][2] + outcomes['kill'][2]} children left",
     )
-    assert len(pids) == 2 and survivors == []
+    assert exit_ok and outcomes["exit"][2] >= 1, outcomes
+    assert kill_ok, outcomes
 
 
 ALWAYS_FAILS = """

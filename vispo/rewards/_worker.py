@@ -277,8 +277,29 @@ def _load(payload: tuple):
     return pickle.loads(payload[1])
 
 
-def worker_main(fd: int) -> None:
-    """Entry point of a worker process; ``fd`` is its socket to the runner."""
+def _watchdog(watch_fd: int) -> None:
+    """Fork a process that kills this worker's process group once the trainer is gone.
+
+    It blocks reading a pipe whose only write end the trainer holds (EOF = the trainer died,
+    even by SIGKILL), then kills the group, taking the processes the reward started with it
+    (the worker itself also has ``PR_SET_PDEATHSIG``, which its children do not inherit).
+    Forked before the user switch, so the reward cannot signal it.
+    """
+    if os.fork() != 0:
+        os.close(watch_fd)
+        return
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while os.read(watch_fd, 1):
+            pass
+    finally:
+        os.killpg(0, signal.SIGKILL)
+        os._exit(0)
+
+
+def worker_main(fd: int, watch_fd: int) -> None:
+    """Entry point of a worker process; ``fd`` is its socket to the runner, ``watch_fd`` the
+    read end of the trainer's lifeline pipe."""
     from multiprocessing.connection import Connection
 
     from vispo.rewards.sandbox import _call, _CappedWriter, _describe
@@ -287,6 +308,7 @@ def worker_main(fd: int) -> None:
     conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     limits, payload, output_limit, parent_pid = conn.recv()
+    _watchdog(watch_fd)
     notes = restrict(limits, parent_pid)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # C-level and subprocess output goes nowhere

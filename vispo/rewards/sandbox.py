@@ -60,6 +60,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import redirect_stderr, redirect_stdout
@@ -205,7 +206,7 @@ class _Task:
 
 _BOOT = (
     "import sys, json; sys.path[:0] = json.loads(sys.argv[2]); "
-    "from vispo.rewards._worker import worker_main; worker_main(int(sys.argv[1]))"
+    "from vispo.rewards._worker import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[3]))"
 )
 
 
@@ -220,6 +221,8 @@ class _Worker:
         self.workdir = tempfile.mkdtemp(prefix="vispo-reward-")
         os.chmod(self.workdir, 0o700)
         parent_sock, child_sock = socket.socketpair()
+        # Only this process holds the write end: the worker's watchdog sees EOF when it dies.
+        watch_read, self._watch_write = os.pipe()
         self.errlog = tempfile.TemporaryFile()  # start-up errors before stderr is detached
         paths = [p or os.getcwd() for p in sys.path]
         vispo_root = str(Path(__file__).resolve().parents[2])
@@ -232,17 +235,19 @@ class _Worker:
                     _BOOT,
                     str(child_sock.fileno()),
                     json.dumps([vispo_root, *paths]),
+                    str(watch_read),
                 ],
                 env=worker_env(runner.limits, self.workdir),
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self.errlog,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(), watch_read),
                 process_group=0,
             )
         finally:
             child_sock.close()
+            os.close(watch_read)
         self.conn = mp.connection.Connection(parent_sock.detach())
         try:
             self.sentinel: int | None = os.pidfd_open(self.proc.pid)
@@ -298,6 +303,9 @@ class _Worker:
         except subprocess.TimeoutExpired:
             pass
         self.conn.close()
+        if self._watch_write is not None:
+            os.close(self._watch_write)
+            self._watch_write = None
         if self.sentinel is not None:
             os.close(self.sentinel)
             self.sentinel = None
@@ -331,6 +339,12 @@ class _Batch:
             return list(task.indices)
         self.fail(task.indices[0], kind, detail)
         return []
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    """Kill every worker of a runner (its process group included) and empty the list."""
+    while workers:
+        workers.pop().kill()
 
 
 class RewardError(RuntimeError):
@@ -450,8 +464,11 @@ class RewardRunner:
                         "load_reward_fn('file.py:name'), or use num_workers=0"
                     ) from e
             self._closed = False
+            # Kills the workers when the runner is closed, collected, or at interpreter exit.
+            self._finalizer = weakref.finalize(self, _kill_all, self._workers)
             try:
-                self._workers = [_Worker(self) for _ in range(num_workers)]
+                for _ in range(num_workers):
+                    self._workers.append(_Worker(self))
                 self._wait_ready()
             except BaseException:
                 self.close()
@@ -523,21 +540,15 @@ class RewardRunner:
         if self._closed:
             return
         self._closed = True
-        workers, self._workers = self._workers, []
-        for w in workers:
-            w.kill()
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # kills and forgets every worker (self._workers is emptied)
 
     def __enter__(self) -> RewardRunner:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 (interpreter shutdown: nothing left to report to)
-            return
 
     # -- internals ----------------------------------------------------------------------------
 
