@@ -360,3 +360,16 @@ def test_the_config_sets_the_worker_limits(monkeypatch, tmp_path):
     assert made["max_consecutive_failures"] == 5
     default = RewardConfig()
     assert (default.env, default.user, default.network) == ([], "nobody", False)
+
+
+def test_what_the_os_refuses_is_logged_once_and_the_reward_still_runs(reward_file, caplog):
+    limits = Limits(user="no_such_user_vispo")
+    with caplog.at_level(logging.WARNING, logger="vispo.rewards.sandbox"):
+        with RewardRunner(
+            load_reward_fn(f"{reward_file}:reward"), num_workers=2, timeout_s=5.0, limits=limits
+        ) as r:
+            assert r(["ab", "exit", "abc"], ["x"] * 3).total == [2.0, 0.0, 3.0]  # + a restart
+    refused = [n for n in r.isolation_notes if "no_such_user_vispo" in n]
+    assert len(refused) == 1 and "cannot switch to user" in refused[0]
+    warnings = [m for m in caplog.messages if "refused part of the isolation" in m]
+    assert len(warnings) == 1 and "no_such_user_vispo" in warnings[0]

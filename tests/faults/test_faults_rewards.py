@@ -486,7 +486,7 @@ def test_a_reward_that_always_fails_stops_the_run_with_one_line(tmp_path, capsys
         2,
         int(stopped) + int(finished),
         lost=f"stopped after {len(rows)} steps with exit {code}; summary counts the errors",
-        detail=text.strip().splitlines()[-1][:80] if text.strip() else "",
+        detail=" ".join(text[text.find("error:") :].split())[:90],
     )
     assert stopped, text
     assert finished, text2
