@@ -339,8 +339,20 @@ def test_reward_worker_isolation(tmp_path, shared, monkeypatch, fault_table):
         lost="0",
         detail=f"refused by the OS: {notes or 'nothing'}; {elapsed:.1f} s",
     )
-    assert notes == [], notes
-    assert held == dict.fromkeys(held, True), (got, n_started, after, orphan_alive)
+    # Where the OS refuses a protection (e.g. not root: no user switch), the runner must have
+    # said so; every escape that got through must be one it reported.
+    reported = {
+        "parent-env": "runs as",
+        "signal-trainer": "runs as",
+        "write-outside": "runs as",
+        "no-leftovers": "runs as",
+        "network": "network not isolated",
+        "processes": "process count not limited",
+    }
+    unexplained = [
+        k for k, ok in held.items() if not ok and not any(reported.get(k, "?") in n for n in notes)
+    ]
+    assert unexplained == [], (unexplained, notes, got, n_started, after, orphan_alive)
 
 
 HANG_AT_IMPORT = """
