@@ -204,6 +204,7 @@ def restrict(limits: Limits, parent_pid: int) -> list[str]:
     notes: list[str] = []
     # 1. Network: a new network namespace has only a loopback device, which is down.
     in_user_ns = False
+    own_user = _user_name()  # before a user namespace hides it
     if not limits.network:
         err = _libc_call("unshare", _CLONE_NEWNET)
         if err and os.geteuid() != 0:
@@ -212,8 +213,8 @@ def restrict(limits: Limits, parent_pid: int) -> list[str]:
         if err:
             notes.append(f"network not isolated (unshare: {os.strerror(err)})")
     # 2. An unprivileged user, when started as root.
-    if limits.user and not in_user_ns:
-        if os.geteuid() == 0:
+    if limits.user:
+        if os.geteuid() == 0 and not in_user_ns:
             try:
                 import pwd
 
@@ -225,10 +226,10 @@ def restrict(limits: Limits, parent_pid: int) -> list[str]:
                 os.setuid(pw.pw_uid)
             except (KeyError, OSError) as e:
                 notes.append(f"runs as root (cannot switch to user {limits.user!r}: {e})")
-        elif limits.user != _user_name():
+        elif limits.user != own_user:
             notes.append(
-                f"runs as the trainer's user {_user_name()!r} (switching to {limits.user!r} "
-                "needs root): it can signal the trainer and read its files"
+                f"runs as the trainer's user {own_user!r} (switching to {limits.user!r} "
+                "needs root): it can signal the trainer and read and write its files"
             )
     # 3. Resource limits (soft = hard: the reward cannot raise them again).
     mib = 1024 * 1024
