@@ -7,6 +7,10 @@ its own process. Only completions of odd length are its victims; the rest get th
 reward (1.0 for an even length). So every step, whatever the mode, must end with exactly the
 rewards [1.0 if even else 0.0], and the runner must count one error of the mode's kind per
 odd-length completion; then training goes on.
+
+The isolation tests then try what a hostile reward would (read secrets, signal the trainer,
+connect, write outside its folder, write big files, allocate, fork, leave processes behind,
+burn CPU, hang at import), rewards that fail on every call, and values that overflow float32.
 """
 
 from __future__ import annotations

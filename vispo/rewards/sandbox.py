@@ -732,7 +732,10 @@ class RewardRunner:
             if not self._weights_given and msg[1]:
                 self.weights = dict(msg[1])
         elif msg[0] == "init_error":
-            self._abort(f"reward {self.fn!r} could not be loaded: {msg[1]}")
+            hint = ""
+            if "MemoryError" in msg[1] and self.limits.memory_mb:
+                hint = f" (the worker may use {self.limits.memory_mb} MiB: raise reward.memory_mb)"
+            self._abort(f"reward {self.fn!r} could not be loaded: {msg[1]}{hint}")
         else:
             task_id, outcome, printed, w.cpu_s = msg
             task, w.task = w.task, None
