@@ -16,7 +16,14 @@ import time
 
 import pytest
 
-from vispo.rewards import ERROR_KINDS, RewardRunner, load_reward_fn, reference_reward
+from vispo.rewards import (
+    ERROR_KINDS,
+    Limits,
+    RewardError,
+    RewardRunner,
+    load_reward_fn,
+    reference_reward,
+)
 
 BAD_REWARD = """
 import math, os, time
@@ -193,15 +200,16 @@ def test_composite_reward_by_name_uses_its_weights():
     assert result.components == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
 
 
-def test_worker_that_cannot_load_the_reward_is_a_clear_error(tmp_path):
-    path = tmp_path / "vanishing.py"
+def test_a_reward_that_cannot_load_is_a_clear_error_at_construction(tmp_path):
+    path = tmp_path / "r.py"
     path.write_text("def f(c, a, **kw):\n    return [0.0] * len(c)\n")
-    fn = load_reward_fn(f"{path}:f")
-    path.unlink()  # the worker re-loads the file by path and fails
-    r = RewardRunner(fn, num_workers=1, timeout_s=5.0)
-    with pytest.raises(RuntimeError, match="could not load the reward function"):
-        r(["a"], ["b"])
-    assert r.worker_pids == []
+    with pytest.raises(RewardError, match=r"defines no 'g'; callables there: f"):
+        RewardRunner(f"{path}:g", num_workers=1, timeout_s=5.0)
+    (tmp_path / "bad.py").write_text("import no_such_module_xyz\n")
+    with pytest.raises(RewardError, match="No module named 'no_such_module_xyz'"):
+        RewardRunner(f"{tmp_path / 'bad.py'}:f", num_workers=1, timeout_s=5.0)
+    with pytest.raises(FileNotFoundError, match="reward file not found"):
+        RewardRunner(f"{tmp_path / 'missing.py'}:f", num_workers=1)
 
 
 def test_unpicklable_reward_is_refused_before_spawning():
@@ -291,3 +299,77 @@ def test_in_process_reference_reward_matches_direct_scoring():
     assert via_runner == direct
     assert direct.total == pytest.approx([1.0, 0.0, 0.9])
     assert not math.isnan(sum(direct.total))
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards the trainer cannot use, isolation defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_values_that_overflow_float32_are_nan_errors():
+    def overflow(completions, answers, **columns):
+        return [{"big": 1e39}, 2.0, {"a": 3e38, "b": 3e38}, -3.5e38, 10**400]
+
+    r = RewardRunner(overflow, num_workers=0, max_consecutive_failures=0)
+    result = r(["a"] * 5, ["x"] * 5)
+    assert result.total == [0.0, 2.0, 0.0, 0.0, 0.0]
+    assert r.errors == {"nan": 4}
+
+
+def test_a_reward_failing_on_every_call_stops_after_the_configured_count(reward_file):
+    r = RewardRunner(
+        load_reward_fn(f"{reward_file}:reward"), num_workers=0, max_consecutive_failures=3
+    )
+    r(["raise"], ["x"])
+    r(["raise"], ["x"])
+    r(["ok", "raise"], ["x", "x"])  # one sample scored: the count starts again
+    r(["raise"], ["x"])
+    r(["raise"], ["x"])
+    with pytest.raises(RewardError, match=r"failed on every sample of 3 calls in a row .*boom"):
+        r(["raise"], ["x"])
+    with pytest.raises(RuntimeError, match="closed"):
+        r(["a"], ["x"])
+
+
+def test_a_file_reward_in_workers_reports_its_weights(tmp_path):
+    path = tmp_path / "weighted.py"
+    path.write_text(
+        "from vispo.rewards import CompositeReward\n"
+        "def acc(c, a):\n    return float(c == a)\n"
+        "r = CompositeReward({'acc': (acc, 0.25), 'len': (lambda c, a: float(len(c)), 1.0)})\n"
+    )
+    with RewardRunner(f"{path}:r", num_workers=1, timeout_s=10.0) as runner:
+        assert runner.weights == {"acc": 0.25, "len": 1.0}
+        assert runner(["x", "yy"], ["x", "x"]).total == [1.25, 2.0]
+
+
+def test_the_config_sets_the_worker_limits(monkeypatch, tmp_path):
+    from vispo.train import setup as train_setup
+    from vispo.train.config import RewardConfig
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, name, **kwargs):
+            made.update(kwargs)
+
+    monkeypatch.setattr(train_setup, "RewardRunner", Recorder)
+    cfg = RewardConfig(name=f"{tmp_path / 'r.py'}:f", env=["HF_TOKEN"], memory_mb=100, network=True)
+    train_setup.load_reward(cfg)
+    assert made["limits"] == Limits(env=("HF_TOKEN",), memory_mb=100, network=True)
+    assert made["max_consecutive_failures"] == 5
+    default = RewardConfig()
+    assert (default.env, default.user, default.network) == ([], "nobody", False)
+
+
+def test_what_the_os_refuses_is_logged_once_and_the_reward_still_runs(reward_file, caplog):
+    limits = Limits(user="no_such_user_vispo")
+    with caplog.at_level(logging.WARNING, logger="vispo.rewards.sandbox"):
+        with RewardRunner(
+            load_reward_fn(f"{reward_file}:reward"), num_workers=2, timeout_s=5.0, limits=limits
+        ) as r:
+            assert r(["ab", "exit", "abc"], ["x"] * 3).total == [2.0, 0.0, 3.0]  # + a restart
+    refused = [n for n in r.isolation_notes if "no_such_user_vispo" in n]
+    assert len(refused) == 1 and "cannot switch to user" in refused[0]
+    warnings = [m for m in caplog.messages if "refused part of the isolation" in m]
+    assert len(warnings) == 1 and "no_such_user_vispo" in warnings[0]

@@ -135,7 +135,8 @@ def test_a_checkpoint_is_safetensors_and_json_only(tmp_path):
 
 def test_the_package_never_pickles_to_disk():
     """No torch.save and no pickle.dump(s) to files; the only pickle use is the reward
-    sandbox sending the reward function to its own worker processes over a pipe."""
+    sandbox sending the reward function to its own worker processes over a socket (and the
+    worker reading it back)."""
     users = {}
     for path in SOURCES:
         tree = _source(path)[1]
@@ -145,7 +146,7 @@ def test_the_package_never_pickles_to_disk():
             users.setdefault("pickle file I/O", []).append(path.name)
     assert users == {}
     pickling = [p.relative_to(PACKAGE).as_posix() for p in SOURCES if "pickle" in _imports(p)]
-    assert pickling == ["rewards/sandbox.py"]
+    assert sorted(pickling) == ["rewards/_worker.py", "rewards/sandbox.py"]
 
 
 # --- torch.load --------------------------------------------------------------------------------
@@ -269,6 +270,42 @@ def test_user_reward_files_run_sandboxed_by_default(tmp_path, monkeypatch):
     train_setup.load_reward(RewardConfig(name="reference"))  # built-in: in-process
     train_setup.load_reward(RewardConfig(name=spec, num_workers=0))  # explicit opt-out
     assert made == [(spec, 1), ("reference", 0), (spec, 0)]
+
+
+LEAK_PROBE = """
+import os, socket
+
+
+def leak(completions, answers, **columns):
+    port = int(completions[0])
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        connected = 1.0
+    except OSError:
+        connected = 0.0
+    return [float("VISPO_SECURITY_SECRET" in os.environ), connected]
+"""
+
+
+def test_a_reward_worker_gets_no_secret_and_no_network_by_default(tmp_path, monkeypatch):
+    """The defaults of the sandbox: the trainer's environment variables stay out of the worker
+    and a server the trainer reaches on 127.0.0.1 is unreachable from it (docs/reliability.md,
+    "Reward isolation"; tests/faults/test_faults_rewards.py probes the rest)."""
+    (tmp_path / "leak.py").write_text(LEAK_PROBE)
+    monkeypatch.setenv("VISPO_SECURITY_SECRET", "hunter2")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()  # reachable from here
+    try:
+        with RewardRunner(f"{tmp_path / 'leak.py'}:leak", num_workers=1) as runner:
+            secret, connected = runner([str(port), ""], ["", ""]).total
+            notes = runner.isolation_notes
+    finally:
+        server.close()
+    assert secret == 0.0
+    assert connected == 0.0 or any("network not isolated" in n for n in notes), notes
 
 
 # --- no downloads ------------------------------------------------------------------------------

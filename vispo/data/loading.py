@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from vispo.data.sample import DataError, Sample, SampleDataset, _describe
+from vispo.data.validate import check_image_shape, clean_text, unicode_problem
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def load_samples(
 
     samples: list[Sample] = []
     skipped: Counter = Counter()
+    neutralised: Counter = Counter()
     errors: list[str] = []
     seen_ids: set[str] = set()
     row_index = 0
@@ -161,6 +163,9 @@ def load_samples(
                 continue
             seen_ids.add(sample.id)
             samples.append(sample)
+            n_tokens = sample.meta.pop("_neutralised", 0)
+            if n_tokens:
+                neutralised[sample.id] = n_tokens
     if skipped:
         total = len(samples) + sum(skipped.values())
         logger.warning(
@@ -171,7 +176,18 @@ def load_samples(
             ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())),
             errors[0],
         )
-    return SampleDataset(samples, skipped=skipped, errors=errors, source=label, split=split)
+    if neutralised:
+        logger.warning(
+            "%s: neutralised %d chat-control/image token(s) written in the text of %d sample(s) "
+            "(now plain text; first: %s)",
+            label,
+            sum(neutralised.values()),
+            len(neutralised),
+            next(iter(neutralised)),
+        )
+    dataset = SampleDataset(samples, skipped=skipped, errors=errors, source=label, split=split)
+    dataset.neutralised = neutralised
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,8 +316,9 @@ def _records_part(records: list, label: str, root: Path | None) -> _Part:
 
 def _json_part(path: Path, root: Path, split: str) -> _Part:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # Invalid UTF-8 becomes lone surrogates, so that only the rows holding it are skipped.
+        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     if isinstance(data, Mapping):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
@@ -321,8 +338,9 @@ def _json_part(path: Path, root: Path, split: str) -> _Part:
 
 def _jsonl_part(path: Path, root: Path) -> _Part:
     records: list[Any] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8", "surrogateescape")  # bad bytes: that row is skipped
             if not line.strip():
                 continue
             try:
@@ -410,6 +428,17 @@ def _row_to_sample(
     if not isinstance(question, str) or not question.strip():
         raise _Skip("missing_question", f"sample {sample_id!r}: missing or empty question")
     answer_text = _answer_to_str(answer, sample_id)
+    problem = unicode_problem(answer_text)
+    if problem:
+        raise _Skip("bad_text", f"sample {sample_id!r}: the answer has {problem}")
+    # Text that reaches the prompt: question, system turn, meta (templates may use it).
+    texts, n_neutralised, problem = clean_text(
+        sample_id, {"question": question, **extra}, keep=placeholder
+    )
+    if problem:
+        raise _Skip("bad_text", problem)
+    question = texts.pop("question")
+    extra.update(texts)
     images = [
         _resolve_image(src, part.image_root, sample_id)
         for src in _as_image_list(row.get(mapping["images"]) if mapping["images"] else None)
@@ -423,7 +452,12 @@ def _row_to_sample(
 
     used = {c for c in mapping.values() if c}
     meta = {k: v for k, v in row.items() if k not in used and not _is_binary(v)}
+    meta, n_meta, problem = clean_text(sample_id, meta, keep=placeholder)
+    if problem:
+        raise _Skip("bad_text", problem)
     meta.update(extra)
+    if n_neutralised + n_meta:
+        meta["_neutralised"] = n_neutralised + n_meta
     meta["split"] = split
     meta["source"] = part.label
     meta.setdefault("vision_dependent", None)
@@ -538,9 +572,13 @@ def _validate_images(sample: Sample) -> None:
     from vispo.vision import ImageLoadError
 
     try:
-        sample.load_images()
+        images = sample.load_images()
     except ImageLoadError as exc:
         raise _Skip("bad_image", f"sample {sample.id!r}: {exc}") from None
+    for image in images:
+        problem = check_image_shape(image.size, sample.id)
+        if problem:
+            raise _Skip("bad_image", problem)
 
 
 def _is_binary(value: Any) -> bool:

@@ -73,6 +73,8 @@ class SampleDataset(Sequence):
         self.errors: list[str] = list(errors or [])
         self.source = source
         self.split = split
+        #: sample id -> chat-control/image tokens neutralised in its text (vispo.data.validate).
+        self.neutralised: Counter = Counter()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,9 +114,11 @@ class SampleDataset(Sequence):
         return self._derive([s for s in self.samples if predicate(s)])
 
     def _derive(self, samples: list[Sample]) -> SampleDataset:
-        return SampleDataset(
+        derived = SampleDataset(
             samples, skipped=self.skipped, errors=self.errors, source=self.source, split=self.split
         )
+        derived.neutralised = Counter(self.neutralised)
+        return derived
 
 
 def as_dataset(samples: Iterable[Sample] | SampleDataset) -> SampleDataset:

@@ -19,13 +19,14 @@ from vispo.rewards.composite import (
     TRLReward,
     combine_outputs,
     load_reward_fn,
+    parse_reward_file,
     reference_reward,
     resolve_reward,
     reward_columns,
     reward_style,
 )
 from vispo.rewards.extract import extract_answer, extract_boxed, normalize_answer
-from vispo.rewards.sandbox import ERROR_KINDS, RewardRunner
+from vispo.rewards.sandbox import ERROR_KINDS, Limits, RewardError, RewardRunner
 from vispo.rewards.verifiers import (
     answers_match,
     choice_accuracy,
@@ -41,7 +42,9 @@ __all__ = [
     "REWARDS",
     "CompositeReward",
     "FileReward",
+    "Limits",
     "MultiReward",
+    "RewardError",
     "RewardResult",
     "TRLReward",
     "RewardRunner",
@@ -56,6 +59,7 @@ __all__ = [
     "load_reward_fn",
     "math_accuracy",
     "normalize_answer",
+    "parse_reward_file",
     "reference_reward",
     "resolve_reward",
     "reward_columns",

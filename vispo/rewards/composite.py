@@ -29,7 +29,6 @@ Built-ins are per-sample verifiers ``(completion, answer) -> float`` combined wi
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import math
 import numbers
@@ -58,6 +57,7 @@ __all__ = [
     "TRLReward",
     "combine_outputs",
     "load_reward_fn",
+    "parse_reward_file",
     "reference_reward",
     "resolve_reward",
     "reward_columns",
@@ -231,17 +231,18 @@ REWARDS: dict[str, Callable[..., CompositeReward]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _exec_file(path: Path) -> ModuleType:
-    """Execute the Python file at ``path`` as a private module (no sys.path search)."""
+def _exec_file(path: Path, source: str | None = None) -> ModuleType:
+    """Execute the Python file at ``path`` (or ``source``, its text, when given) as a private
+    module (no sys.path search)."""
     module_name = "_vispo_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python file")
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(module_name)
+    module.__file__ = str(path)
     # Registered so that dataclasses and similar code inside the file can find their module.
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        if source is None:
+            source = path.read_text(encoding="utf-8")
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (the user's file)
     except (Exception, SystemExit) as e:
         sys.modules.pop(module_name, None)
         raise ImportError(
@@ -253,15 +254,19 @@ def _exec_file(path: Path) -> ModuleType:
 class FileReward:
     """A reward function loaded from ``path`` by name.
 
-    Behaves like the function. It pickles as ``(path, name)`` and loads the file again when
-    unpickled, which is how it reaches sandbox worker processes (a function from a file that
-    is not an importable module cannot be pickled by reference).
+    Behaves like the function. It pickles as ``(path, name, source)`` and executes the source
+    again when unpickled, which is how it reaches sandbox worker processes (a function from a
+    file that is not an importable module cannot be pickled by reference, and the worker may
+    run as a user that cannot read the file).
     """
 
-    def __init__(self, path: str | Path, name: str):
+    def __init__(self, path: str | Path, name: str, source: str | None = None):
         self.path = Path(path)
         self.name = name
-        module = _exec_file(self.path)
+        if source is None:
+            source = self.path.read_text(encoding="utf-8")
+        self.source = source
+        module = _exec_file(self.path, source)
         if not hasattr(module, name):
             available = sorted(
                 k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
@@ -288,20 +293,16 @@ class FileReward:
         return self._call(completions, answers, **columns)
 
     def __reduce__(self):
-        return (FileReward, (str(self.path), self.name))
+        return (FileReward, (str(self.path), self.name, self.source))
 
     def __repr__(self) -> str:
         return f"FileReward('{self.path}:{self.name}')"
 
 
-def load_reward_fn(spec: str) -> FileReward:
-    """Load the reward callable named by ``"path/to/file.py:function"`` from exactly that file.
-
-    The file is executed as a private module: nothing is looked up on ``sys.path`` and no
-    module is imported by name. Raises ``ValueError`` for a malformed spec,
-    ``FileNotFoundError`` for a missing file, ``ImportError`` if executing the file fails,
-    ``AttributeError`` if it has no such name, ``TypeError`` if the name is not callable.
-    """
+def parse_reward_file(spec: str) -> tuple[Path, str]:
+    """``(absolute path, function name)`` of a ``"path/to/file.py:function"`` spec, checked
+    without executing anything: ``ValueError`` for a malformed spec, ``FileNotFoundError`` for
+    a missing file."""
     if not isinstance(spec, str):
         raise TypeError(f"reward spec must be a str 'path/to/file.py:function', got {spec!r}")
     path_text, sep, name = spec.rpartition(":")
@@ -312,7 +313,21 @@ def load_reward_fn(spec: str) -> FileReward:
         raise ValueError(f"reward spec {spec!r}: {path} is not a .py file")
     if not path.is_file():
         raise FileNotFoundError(f"reward file not found: {path} (from spec {spec!r})")
-    return FileReward(path.resolve(), name)
+    return path.resolve(), name
+
+
+def load_reward_fn(spec: str) -> FileReward:
+    """Load the reward callable named by ``"path/to/file.py:function"`` from exactly that file.
+
+    The file is executed as a private module *in this process*: nothing is looked up on
+    ``sys.path`` and no module is imported by name. (A :class:`vispo.rewards.RewardRunner`
+    given the spec string instead executes the file only inside its worker processes.) Raises
+    ``ValueError`` for a malformed spec, ``FileNotFoundError`` for a missing file,
+    ``ImportError`` if executing the file fails, ``AttributeError`` if it has no such name,
+    ``TypeError`` if the name is not callable.
+    """
+    path, name = parse_reward_file(spec)
+    return FileReward(path, name)
 
 
 def resolve_reward(spec: str | Callable[..., Any] | Sequence[Any]) -> Callable[..., Any]:
@@ -422,6 +437,46 @@ def _wrap_vispo(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn if _keyword_names(fn) is None else _NamedColumns(fn)
 
 
+def _is_file_spec(spec: Any) -> bool:
+    return isinstance(spec, str) and spec not in REWARDS and ":" in spec
+
+
+class _DeferredFile:
+    """A ``"file.py:function"`` reward read here but executed only when first used.
+
+    Inside :class:`MultiReward` this keeps a reward file's code out of the trainer process:
+    the runner sends the object (with the file's text) to its workers, which execute it. Its
+    component is named after the function; a ``weights`` mapping the function may carry is not
+    expanded (a dict value from it is summed, as for any function).
+    """
+
+    def __init__(self, spec: str, source: str | None = None):
+        path, self.name = parse_reward_file(spec)
+        self.spec, self.path = spec, path
+        self.source = path.read_text(encoding="utf-8") if source is None else source
+        self.__name__ = self.name
+        self._fn: FileReward | None = None
+
+    def load(self) -> FileReward:
+        if self._fn is None:
+            self._fn = FileReward(self.path, self.name, self.source)
+        return self._fn
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str], **columns: Any) -> Any:
+        return self.load()(completions, answers, **columns)
+
+    def __reduce__(self):
+        # Rebuilt from the text: a worker may run as a user that cannot read the file.
+        return (_restore_deferred, (self.spec, str(self.path), self.name, self.source))
+
+
+def _restore_deferred(spec: str, path: str, name: str, source: str) -> _DeferredFile:
+    deferred = _DeferredFile.__new__(_DeferredFile)
+    deferred.spec, deferred.path, deferred.name, deferred.source = spec, Path(path), name, source
+    deferred.__name__, deferred._fn = name, None
+    return deferred
+
+
 def _fn_name(fn: Any) -> str:
     return str(getattr(fn, "__name__", None) or type(fn).__name__)
 
@@ -506,7 +561,7 @@ class MultiReward:
         for w in self.func_weights:
             if not math.isfinite(w):
                 raise ValueError(f"reward.weights: {w} is not finite")
-        self.fns = [resolve_reward(f) for f in funcs]
+        self.fns = [_DeferredFile(f) if _is_file_spec(f) else resolve_reward(f) for f in funcs]
         self.parts: list[tuple[Callable[..., Any], dict[str, str] | str]] = []
         self._weights: dict[str, float] = {}
         for spec, fn, w in zip(funcs, self.fns, self.func_weights):
@@ -531,6 +586,12 @@ class MultiReward:
     def weights(self) -> dict[str, float]:
         """Component name -> weight in the total."""
         return dict(self._weights)
+
+    def load(self) -> None:
+        """Execute the reward files now (a sandbox worker calls this under its load timeout)."""
+        for fn in self.fns:
+            if isinstance(fn, _DeferredFile):
+                fn.load()
 
     def __call__(
         self, completions: Sequence[str], answers: Sequence[str], **columns: Any

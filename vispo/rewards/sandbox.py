@@ -1,9 +1,13 @@
 """Running reward functions so that a broken one cannot stop training.
 
 :class:`RewardRunner` calls a batch reward function (the user API of
-:mod:`vispo.rewards.composite`) on chunks of a batch in a pool of worker processes started
-with ``spawn`` (or ``forkserver``). Each call has a wall-clock timeout; a worker that exceeds
-it, or dies, is killed and replaced. Whatever goes wrong, the affected samples get reward 0,
+:mod:`vispo.rewards.composite`) on chunks of a batch in a pool of worker processes, each a
+fresh interpreter restricted before the reward is loaded (minimal environment, own folder and
+process group, resource limits, no network, an unprivileged user where possible: see
+:mod:`vispo.rewards._worker`). A reward file named by path is executed only in the workers,
+and its loading has the same timeout as a call. Each call has a wall-clock timeout; a worker
+that exceeds it, or dies, is killed with its whole process group and replaced. Whatever goes
+wrong, the affected samples get reward 0,
 the failure is counted in :attr:`RewardRunner.errors` by kind and logged once per kind with a
 sample id, and the batch completes:
 
@@ -13,7 +17,8 @@ kind            meaning
 exception       the function raised
 timeout         no result within ``timeout_s`` (the worker is killed and replaced)
 crash           the worker process died (segfault, ``os._exit``, out of memory)
-nan             a value (or a component of a dict value) is NaN or infinite
+nan             a value (or a component, or a dict's weighted total) is NaN or infinite,
+                also once converted to float32 (the trainer's reward tensors)
 wrong_length    the function returned a different number of values than completions
 bad_type        the result is not a list, or a value is not a number / dict of numbers
 ==============  ===========================================================================
@@ -29,6 +34,9 @@ What a worker prints is discarded at the file-descriptor level; Python-level pri
 kept up to ``output_limit`` characters per call and logged at DEBUG level, so a reward that
 prints megabytes cannot flood the training log.
 
+A reward that fails on every sample of ``max_consecutive_failures`` calls in a row raises
+:class:`RewardError` (a broken reward would otherwise train on zeros for the whole run).
+
 ``num_workers=0`` runs the function in this process (no timeout, no isolation from crashes)
 with the same validation and per-sample retries: for trusted, fast built-ins.
 """
@@ -36,6 +44,7 @@ with the same validation and per-sample retries: for trusted, fast built-ins.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -43,24 +52,39 @@ import multiprocessing.connection
 import numbers
 import os
 import pickle
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vispo.rewards._guard import SymbolicTimeout
-from vispo.rewards.composite import RewardResult, combine_outputs, resolve_reward
+from vispo.rewards._worker import Limits, worker_env
+from vispo.rewards.composite import (
+    REWARDS,
+    RewardResult,
+    combine_outputs,
+    parse_reward_file,
+    resolve_reward,
+)
 
-__all__ = ["ERROR_KINDS", "RewardRunner"]
+__all__ = ["ERROR_KINDS", "Limits", "RewardError", "RewardRunner"]
 
 logger = logging.getLogger(__name__)
 
 ERROR_KINDS = ("exception", "timeout", "crash", "nan", "wrong_length", "bad_type")
+#: Largest finite float32: rewards become float32 tensors in the trainer.
+FLOAT32_MAX = 3.4028234663852886e38
 
 # A validated per-sample entry is a float, a dict[str, float], or an _Error.
 _Error = tuple  # ("error", kind, detail)
@@ -99,9 +123,14 @@ def _validate_value(v: Any) -> float | dict[str, float] | _Error:
             out[str(k)] = checked
         return out
     if isinstance(v, numbers.Real) and not isinstance(v, str):
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # an int too large for a float
+            return ("error", "nan", f"value {v} overflows float")
         if not math.isfinite(f):
             return ("error", "nan", f"value {f}")
+        if abs(f) > FLOAT32_MAX:
+            return ("error", "nan", f"value {f!r} is not finite in float32")
         return f
     return ("error", "bad_type", f"value of type {type(v).__name__} (expected a number or a dict)")
 
@@ -167,32 +196,6 @@ class _CappedWriter(io.TextIOBase):
         return text
 
 
-def _worker_main(conn, payload: bytes, output_limit: int) -> None:
-    """Worker process: load the reward, then answer ``(task_id, completions, answers, columns)``."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # C-level and subprocess output goes nowhere
-    os.dup2(devnull, 2)
-    writer = _CappedWriter(output_limit)
-    sys.stdout = sys.stderr = writer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        fn = pickle.loads(payload)
-    except BaseException as e:  # noqa: BLE001 (reported to the parent)
-        conn.send(("init_error", _describe(e)))
-        return
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        task_id, completions, answers, columns = msg
-        outcome = _call(fn, completions, answers, columns, catch_all=True)
-        conn.send((task_id, outcome, writer.take()))
-
-
 @dataclass
 class _Task:
     indices: tuple[int, ...]
@@ -201,40 +204,113 @@ class _Task:
     retry_kind: str = ""  # retries: the kind that caused the split
 
 
-class _Worker:
-    """One worker process and the parent's end of its pipe."""
+_BOOT = (
+    "import sys, json; sys.path[:0] = json.loads(sys.argv[2]); "
+    "from vispo.rewards._worker import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[3]))"
+)
 
-    def __init__(self, ctx, payload: bytes, output_limit: int):
-        self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(
-            target=_worker_main,
-            args=(child_conn, payload, output_limit),
-            daemon=True,
-            name="vispo-reward-worker",
-        )
-        self.proc.start()
-        child_conn.close()
-        self.started_at = time.monotonic()
-        self.ready = False
+
+class _Worker:
+    """One worker process (its own interpreter, process group and folder) and its socket.
+
+    ``state`` goes ``starting`` (interpreter start-up, bounded by ``start_timeout_s``) ->
+    ``loading`` (the reward is imported, bounded by ``timeout_s``) -> ``ready``.
+    """
+
+    def __init__(self, runner: RewardRunner):
+        self.workdir = tempfile.mkdtemp(prefix="vispo-reward-")
+        os.chmod(self.workdir, 0o700)
+        parent_sock, child_sock = socket.socketpair()
+        # Only this process holds the write end: the worker's watchdog sees EOF when it dies.
+        watch_read, self._watch_write = os.pipe()
+        self.errlog = tempfile.TemporaryFile()  # start-up errors before stderr is detached
+        paths = [p or os.getcwd() for p in sys.path]
+        vispo_root = str(Path(__file__).resolve().parents[2])
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _BOOT,
+                    str(child_sock.fileno()),
+                    json.dumps([vispo_root, *paths]),
+                    str(watch_read),
+                ],
+                env=worker_env(runner.limits, self.workdir),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self.errlog,
+                pass_fds=(child_sock.fileno(), watch_read),
+                process_group=0,
+            )
+        finally:
+            child_sock.close()
+            os.close(watch_read)
+        self.conn = mp.connection.Connection(parent_sock.detach())
+        try:
+            self.sentinel: int | None = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            self.sentinel = None  # no pidfd: death is noticed by polling
+        self.state = "starting"
+        self.deadline = time.monotonic() + runner.start_timeout_s
         self.task: _Task | None = None
         self.sent_at = 0.0
+        self.cpu_s = 0.0
+        self.conn.send((runner.limits, runner._payload, runner.output_limit, os.getpid()))
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def waitables(self) -> list:
+        return [self.conn] + ([self.sentinel] if self.sentinel is not None else [])
+
+    def is_dead(self, ready: set) -> bool:
+        if self.sentinel is not None:
+            return self.sentinel in ready
+        return self.proc.poll() is not None
 
     def send(self, task: _Task, message: tuple) -> None:
         self.conn.send(message)
         self.task = task
         self.sent_at = time.monotonic()
 
-    def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(5)
-        self.conn.close()
-
-    def ask_to_stop(self) -> None:
+    def exit_code(self) -> int | None:
         try:
-            self.conn.send(None)
+            return self.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def start_error(self) -> str:
+        """The last lines the interpreter wrote before detaching stderr (start-up failures)."""
+        try:
+            self.errlog.seek(0)
+            lines = self.errlog.read().decode(errors="replace").strip().splitlines()
         except (OSError, ValueError):
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    def kill(self) -> None:
+        """Kill the worker's whole process group, reap it, remove its folder. Idempotent."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is not reaped yet: its id is ours
+        except (ProcessLookupError, PermissionError):
             pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.conn.close()
+        if self._watch_write is not None:
+            os.close(self._watch_write)
+            self._watch_write = None
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+        self.errlog.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class _Batch:
@@ -265,6 +341,29 @@ class _Batch:
         return []
 
 
+def _kill_all(workers: list[_Worker]) -> None:
+    """Kill every worker of a runner (its process group included) and empty the list."""
+    while workers:
+        workers.pop().kill()
+
+
+class RewardError(RuntimeError):
+    """The reward cannot be used at all: it does not load, or it failed on every sample of
+    ``max_consecutive_failures`` calls in a row. The message names the cause."""
+
+
+class _FileSpec:
+    """A ``"path/to/file.py:function"`` reward that only the workers execute."""
+
+    def __init__(self, spec: str):
+        path, self.name = parse_reward_file(spec)
+        self.path = str(path)
+        self.source = path.read_text(encoding="utf-8")
+
+    def __repr__(self) -> str:
+        return f"'{self.path}:{self.name}'"
+
+
 class RewardRunner:
     """Run a batch reward function with timeouts, validation and per-sample isolation.
 
@@ -272,22 +371,31 @@ class RewardRunner:
         fn: the reward: a callable ``f(completions, answers, **columns) -> list[float | dict]``
             (module-level, or loaded with :func:`vispo.rewards.load_reward_fn`, so it can be
             pickled to the workers), a :data:`vispo.rewards.REWARDS` name, or
-            ``"path/to/file.py:function"``.
-        num_workers: worker processes; 0 runs in this process (no timeout; trusted code only).
-        timeout_s: wall-clock limit of one call on one chunk.
+            ``"path/to/file.py:function"`` (with workers, that file is executed only inside
+            the workers, under ``timeout_s``; this process only reads it).
+        num_workers: worker processes; 0 runs in this process (no timeout, no isolation;
+            trusted code only).
+        timeout_s: wall-clock limit of one call on one chunk, and of loading the reward in a
+            worker (a reward file's module-level code).
         chunk_size: samples per call; default ``ceil(n / (2 * num_workers))`` (the whole batch
             in one call when ``num_workers=0``).
         weights: component name -> weight for dict outputs (default: ``fn.weights`` if the
             function has one, e.g. a :class:`vispo.rewards.CompositeReward`; else 1 each).
         retry_budget_s: after a chunk fails, how long its per-sample retries may still be
             started (default ``2 * timeout_s + 5``).
-        start_timeout_s: how long a worker may take to start and load the reward.
+        start_timeout_s: how long a worker's interpreter may take to start.
         output_limit: characters of printed output kept per call (logged at DEBUG level).
-        mp_context: ``"spawn"`` (default) or ``"forkserver"``; ``fork`` is refused (unsafe
-            with threads, which torch starts).
+        mp_context: kept for compatibility: ``"spawn"`` or ``"forkserver"`` (workers are
+            always fresh interpreters); ``fork`` is refused.
+        limits: what a worker may do (:class:`vispo.rewards._worker.Limits`: environment
+            variables passed through, address space, CPU seconds, file size, processes, user,
+            network); default ``Limits()``.
+        max_consecutive_failures: raise :class:`RewardError` once this many calls in a row
+            failed on every sample (0: never).
 
-    Use as a context manager, or call :meth:`close`; workers are daemonic, so they also end
-    with the parent process. Not thread-safe: call it from one thread.
+    The constructor starts the workers and waits until they have loaded the reward, so a
+    reward that cannot load fails here (:class:`RewardError`). Use as a context manager, or
+    call :meth:`close`, which kills every worker's process group. Not thread-safe.
     """
 
     def __init__(
@@ -302,45 +410,69 @@ class RewardRunner:
         start_timeout_s: float = 120.0,
         output_limit: int = 4096,
         mp_context: str = "spawn",
+        limits: Limits | None = None,
+        max_consecutive_failures: int = 5,
     ):
         self._closed = True  # until construction succeeds; makes __del__ safe
         self._workers: list[_Worker] = []
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        if not (isinstance(timeout_s, numbers.Real) and timeout_s > 0):
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if not (isinstance(timeout_s, numbers.Real) and 0 < timeout_s < math.inf):
+            raise ValueError(f"timeout_s must be > 0 and finite, got {timeout_s!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         if retry_budget_s is not None and retry_budget_s < 0:
             raise ValueError(f"retry_budget_s must be >= 0, got {retry_budget_s!r}")
         if mp_context not in ("spawn", "forkserver"):
             raise ValueError(f"mp_context must be 'spawn' or 'forkserver', got {mp_context!r}")
-        self.fn = resolve_reward(fn)
+        if not isinstance(max_consecutive_failures, int) or max_consecutive_failures < 0:
+            raise ValueError(
+                f"max_consecutive_failures must be an int >= 0, got {max_consecutive_failures!r}"
+            )
+        is_file = isinstance(fn, str) and fn not in REWARDS and ":" in fn
+        # A reward file is executed only inside the workers; in-process it is loaded here.
+        self.fn = _FileSpec(fn) if is_file and num_workers > 0 else resolve_reward(fn)
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.chunk_size = chunk_size
         self.retry_budget_s = 2 * self.timeout_s + 5.0 if retry_budget_s is None else retry_budget_s
         self.start_timeout_s = float(start_timeout_s)
         self.output_limit = int(output_limit)
+        self.limits = limits or Limits()
+        self.max_consecutive_failures = max_consecutive_failures
+        self._weights_given = weights is not None
         fn_weights = getattr(self.fn, "weights", None) if weights is None else weights
         self.weights: dict[str, float] = dict(fn_weights or {})
         #: Samples whose reward failed, by kind, over the runner's lifetime.
         self.errors: Counter[str] = Counter()
+        #: What the OS refused to isolate (logged once), from the first worker's report.
+        self.isolation_notes: list[str] | None = None
         self._logged_kinds: set[str] = set()
+        self._last_error: tuple[str, Any, str] | None = None
+        self._failed_calls = 0
         self._next_task_id = 0
         if num_workers > 0:
+            if isinstance(self.fn, _FileSpec):
+                self._payload: tuple = ("file", self.fn.path, self.fn.name, self.fn.source)
+            else:
+                try:
+                    self._payload = ("pickle", pickle.dumps(self.fn))
+                except Exception as e:
+                    raise TypeError(
+                        f"the reward function {self.fn!r} cannot be sent to worker processes "
+                        f"({type(e).__name__}: {e}); define it at module level, load it with "
+                        "load_reward_fn('file.py:name'), or use num_workers=0"
+                    ) from e
+            self._closed = False
+            # Kills the workers when the runner is closed, collected, or at interpreter exit.
+            self._finalizer = weakref.finalize(self, _kill_all, self._workers)
             try:
-                self._payload = pickle.dumps(self.fn)
-            except Exception as e:
-                raise TypeError(
-                    f"the reward function {self.fn!r} cannot be sent to worker processes "
-                    f"({type(e).__name__}: {e}); define it at module level, load it with "
-                    "load_reward_fn('file.py:name'), or use num_workers=0"
-                ) from e
-            self._ctx = mp.get_context(mp_context)
-            self._workers = [
-                _Worker(self._ctx, self._payload, self.output_limit) for _ in range(num_workers)
-            ]
+                for _ in range(num_workers):
+                    self._workers.append(_Worker(self))
+                self._wait_ready()
+            except BaseException:
+                self.close()
+                raise
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------
@@ -379,6 +511,12 @@ class RewardRunner:
             self._run_inline(batch, data)
         else:
             self._run_pool(batch, data)
+        for i, entry in enumerate(batch.entries):  # the trainer holds rewards as float32
+            if isinstance(entry, Mapping):
+                total = sum(self.weights.get(k, 1.0) * v for k, v in entry.items())
+                if not abs(total) <= FLOAT32_MAX:
+                    batch.fail(i, "nan", f"weighted total {total!r} is not finite in float32")
+        self._check_consecutive_failures(batch)
         return combine_outputs(batch.entries, self.weights)
 
     @property
@@ -396,17 +534,15 @@ class RewardRunner:
         return [w.proc.pid for w in self._workers if w.proc.pid is not None]
 
     def close(self) -> None:
-        """Stop the workers (politely, then by force) and reap them. Idempotent."""
+        """Kill every worker's process group (no process of the reward survives), reap the
+        workers and remove their folders. Idempotent; safe to call from a signal handler's
+        clean-up path."""
         if self._closed:
             return
         self._closed = True
-        for w in self._workers:
-            w.ask_to_stop()
-        end = time.monotonic() + 2.0
-        for w in self._workers:
-            w.proc.join(max(0.0, end - time.monotonic()))
-            w.kill()
-        self._workers = []
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # kills and forgets every worker (self._workers is emptied)
 
     def __enter__(self) -> RewardRunner:
         return self
@@ -414,16 +550,11 @@ class RewardRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 (interpreter shutdown: nothing left to report to)
-            return
-
     # -- internals ----------------------------------------------------------------------------
 
     def _record_error(self, kind: str, sample_id: Any, detail: str) -> None:
         self.errors[kind] += 1
+        self._last_error = (kind, sample_id, detail)
         if kind not in self._logged_kinds:
             self._logged_kinds.add(kind)
             logger.warning(
@@ -433,6 +564,21 @@ class RewardRunner:
                 sample_id,
                 detail,
                 kind,
+            )
+
+    def _check_consecutive_failures(self, batch: _Batch) -> None:
+        if all(e is None for e in batch.entries):
+            self._failed_calls += 1
+        else:
+            self._failed_calls = 0
+        limit = self.max_consecutive_failures
+        if limit and self._failed_calls >= limit and self._last_error is not None:
+            kind, sample_id, detail = self._last_error
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(self.errors.items()))
+            self._abort(
+                f"the reward {self.fn!r} failed on every sample of {self._failed_calls} calls in "
+                f"a row (reward.max_consecutive_failures={limit}; errors so far: {counts}); "
+                f"last: {kind} on sample {sample_id}: {detail}"
             )
 
     def _new_task(self, indices: Sequence[int], **kw: Any) -> _Task:
@@ -475,7 +621,7 @@ class RewardRunner:
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._payload, self.output_limit)
+        self._workers[self._workers.index(w)] = _Worker(self)
 
     def _fail_and_retry(
         self, batch: _Batch, task: _Task, outcome: _Outcome, pending: deque
@@ -488,7 +634,25 @@ class RewardRunner:
 
     def _abort(self, message: str) -> None:
         self.close()
-        raise RuntimeError(message)
+        raise RewardError(message)
+
+    def _wait(self, workers: list[_Worker]) -> set:
+        """Block until a message, a death or the nearest deadline of ``workers``."""
+        deadlines = [
+            w.sent_at + self.timeout_s if w.task is not None else w.deadline for w in workers
+        ]
+        timeout = max(0.0, min(deadlines) - time.monotonic())
+        if any(w.sentinel is None for w in workers):
+            timeout = min(timeout, 0.1)  # no pidfd: poll for deaths
+        return set(mp.connection.wait([x for w in workers for x in w.waitables()], timeout))
+
+    def _wait_ready(self) -> None:
+        """Wait until every worker has loaded the reward (construction)."""
+        while True:
+            starting = [w for w in self._workers if not w.ready]
+            if not starting:
+                return
+            self._poll(_Batch(self, 0, []), starting, self._wait(starting), deque())
 
     def _run_pool(self, batch: _Batch, data) -> None:
         pending = deque(self._chunks(len(batch.entries)))
@@ -497,6 +661,9 @@ class RewardRunner:
             # 1. Hand work to idle workers.
             for w in list(self._workers):
                 if not (w.ready and w.task is None):
+                    continue
+                if self.limits.cpu_s and w.cpu_s > self.limits.cpu_s / 2:
+                    self._replace(w)  # retire it well before RLIMIT_CPU would kill it
                     continue
                 while pending:
                     task = pending.popleft()
@@ -514,47 +681,63 @@ class RewardRunner:
                         pending.appendleft(task)
                         self._replace(w)
                     break
-            active = [w for w in self._workers if w.task is not None or not w.ready]
             if not pending and all(w.task is None for w in self._workers):
                 return
-            # 2. Wait for a result, a death, or the nearest deadline.
-            deadlines = [
-                w.sent_at + self.timeout_s
-                if w.task is not None
-                else w.started_at + self.start_timeout_s
-                for w in active
-            ]
-            timeout = max(0.0, min(deadlines) - time.monotonic())
-            waitables = [w.conn for w in active] + [w.proc.sentinel for w in active]
-            ready = set(mp.connection.wait(waitables, timeout))
-            # 3. Handle what happened.
-            for w in active:
-                if w.conn in ready:
-                    try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        self._on_death(batch, w, pending)
-                        continue
-                    self._on_message(batch, w, msg, pending)
-                elif w.proc.sentinel in ready:
+            # 2. Wait for a result, a death, or the nearest deadline; 3. handle them.
+            active = [w for w in self._workers if w.task is not None or not w.ready]
+            self._poll(batch, active, self._wait(active), pending)
+
+    def _poll(self, batch: _Batch, active: list[_Worker], ready: set, pending: deque) -> None:
+        for w in active:
+            if w.conn in ready:
+                try:
+                    msg = w.conn.recv()
+                except (EOFError, OSError):
                     self._on_death(batch, w, pending)
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.task is not None and now - w.sent_at > self.timeout_s:
-                    task = w.task
-                    self._replace(w)
-                    outcome = ("fail", "timeout", f"no result within {self.timeout_s:g} s")
-                    self._fail_and_retry(batch, task, outcome, pending)
-                elif not w.ready and now - w.started_at > self.start_timeout_s:
-                    self._abort(f"a reward worker did not start within {self.start_timeout_s:g} s")
+                    continue
+                self._on_message(batch, w, msg, pending)
+            elif w.is_dead(ready):
+                self._on_death(batch, w, pending)
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task is not None and now - w.sent_at > self.timeout_s:
+                task = w.task
+                self._replace(w)
+                outcome = ("fail", "timeout", f"no result within {self.timeout_s:g} s")
+                self._fail_and_retry(batch, task, outcome, pending)
+            elif w.state == "starting" and now > w.deadline:
+                self._abort(
+                    f"a reward worker did not start within {self.start_timeout_s:g} s "
+                    "(start_timeout_s)"
+                )
+            elif w.state == "loading" and now > w.deadline:
+                self._abort(
+                    f"the reward {self.fn!r} did not finish loading within {self.timeout_s:g} s "
+                    "(reward.timeout_s): its module-level code hangs or is too slow"
+                )
 
     def _on_message(self, batch: _Batch, w: _Worker, msg: tuple, pending: deque) -> None:
-        if msg[0] == "ready":
-            w.ready = True
+        if msg[0] == "loading":
+            w.state, w.deadline = "loading", time.monotonic() + self.timeout_s
+            if self.isolation_notes is None:
+                self.isolation_notes = list(msg[2])
+                if msg[2]:
+                    logger.warning(
+                        "reward sandbox: the OS refused part of the isolation, running "
+                        "without it: %s (see docs/reliability.md)",
+                        "; ".join(msg[2]),
+                    )
+        elif msg[0] == "ready":
+            w.state = "ready"
+            if not self._weights_given and msg[1]:
+                self.weights = dict(msg[1])
         elif msg[0] == "init_error":
-            self._abort(f"reward worker could not load the reward function: {msg[1]}")
+            hint = ""
+            if "MemoryError" in msg[1] and self.limits.memory_mb:
+                hint = f" (the worker may use {self.limits.memory_mb} MiB: raise reward.memory_mb)"
+            self._abort(f"reward {self.fn!r} could not be loaded: {msg[1]}{hint}")
         else:
-            task_id, outcome, printed = msg
+            task_id, outcome, printed, w.cpu_s = msg
             task, w.task = w.task, None
             if task is None or task.task_id != task_id:  # cannot happen: one task per worker
                 self._abort(f"reward worker answered task {task_id}, expected {task}")
@@ -562,10 +745,13 @@ class RewardRunner:
             self._fail_and_retry(batch, task, outcome, pending)
 
     def _on_death(self, batch: _Batch, w: _Worker, pending: deque) -> None:
-        w.proc.join(1)
-        code = w.proc.exitcode
+        code = w.exit_code()
         if not w.ready:
-            self._abort(f"a reward worker exited during start-up (exit code {code})")
+            why = w.start_error()
+            self._abort(
+                f"a reward worker exited while {w.state} (exit code {code})"
+                + (f": {why}" if why else "")
+            )
         task = w.task
         self._replace(w)
         if task is not None:

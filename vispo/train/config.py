@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -127,6 +128,30 @@ class RewardConfig:
     timeout_s: float = _f(10.0, "Per-call timeout of a reward function, seconds.")
     overlong_buffer: int = _f(0, "DAPO overlong shaping: penalty buffer in tokens (0: off).")
     overlong_penalty: float = _f(1.0, "DAPO overlong shaping: penalty at the maximum length.")
+    # Sandbox of reward workers (docs/reliability.md lists what is isolated and what is not).
+    env: list[str] = _f(
+        None,
+        "Environment variables passed to reward workers, e.g. [OPENAI_API_KEY]; every other "
+        "variable of the trainer (credentials included) is withheld.",
+        factory=list,
+    )
+    max_consecutive_failures: int = _f(
+        5,
+        "Stop the run once the reward failed on every sample of this many calls in a row (0: never).",
+    )
+    memory_mb: int = _f(4096, "Address-space limit of a reward worker, MiB (0: none).")
+    cpu_s: int = _f(
+        3600, "CPU-seconds limit of a reward worker (it is replaced after half; 0: none)."
+    )
+    file_size_mb: int = _f(64, "Largest file a reward worker may write, MiB (0: none).")
+    max_processes: int = _f(
+        16, "Processes/threads a reward worker's user may start (applies to non-root users)."
+    )
+    user: str = _f(
+        "nobody",
+        "Unprivileged user reward workers switch to when vispo runs as root ('' : stay).",
+    )
+    network: bool = _f(False, "Let reward workers use the network (default: a netns with none).")
 
 
 @dataclass
@@ -342,6 +367,16 @@ class Config:
             "must be >= 0",
         )
         need(self.reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
+        env = self.reward.env
+        need(
+            isinstance(env, list)
+            and all(isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in env),
+            "reward.env",
+            "must be a list of environment variable names",
+        )
+        for name in ("max_consecutive_failures", "memory_mb", "cpu_s", "file_size_mb"):
+            need(getattr(self.reward, name) >= 0, f"reward.{name}", "must be >= 0")
+        need(self.reward.max_processes >= 0, "reward.max_processes", "must be >= 0")
         need(
             self.reward.overlong_buffer <= r.max_new_tokens,
             "reward.overlong_buffer",

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vispo.data import DataError
+from vispo.rewards import RewardError
 from vispo.train.checkpoint import CheckpointError
 from vispo.train.config import Config, ConfigError
 from vispo.train.trainer import Trainer, TrainingStopped
@@ -23,7 +24,7 @@ def run_training(cfg: Config, *, resume: bool = False) -> int:
     except TrainingStopped as e:
         console.print(f"[bold red]stopped:[/] {e}")
         return 3
-    except (CheckpointError, ConfigError, DataError) as e:
+    except (CheckpointError, ConfigError, DataError, RewardError) as e:
         # Expected failures with a message that names the cause: no traceback.
         console.print(f"[bold red]error:[/] {e}")
         return 2
@@ -76,6 +77,14 @@ def summary_table(trainer: Trainer, metrics: list[dict], wall: float) -> Table:
         a, b = _mean(metrics, key, True), _mean(metrics, key, False)
         if a is not None:
             table.add_row(label, f"{a:.4f}", f"{b:.4f}")
+    errors = getattr(trainer.reward, "errors", None)
+    if errors is not None:  # a RewardRunner: samples whose reward failed and was set to 0
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(errors.items()) if v)
+        table.add_row(
+            "reward errors (samples given 0)",
+            "",
+            f"{sum(errors.values())}" + (f" ({detail})" if detail else ""),
+        )
     table.add_row("wall time", "", f"{wall:.0f} s")
     return table
 

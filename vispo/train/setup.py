@@ -11,7 +11,7 @@ from vispo.data import (
     load_builtin,
     load_samples,
 )
-from vispo.rewards import REWARDS, MultiReward, RewardRunner
+from vispo.rewards import REWARDS, Limits, MultiReward, RewardRunner
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -75,7 +75,17 @@ def load_train_data(dcfg, processor, template, *, log=print):
         data = data.select(keep)
     if held is not None:
         log(f"data: held-out set: {held.description}")
-    kept, dropped = filter_by_prompt_length(data, processor, template, dcfg.max_prompt_length)
+    kept, dropped = filter_by_prompt_length(
+        data, processor, template, dcfg.max_prompt_length, on_error=dcfg.on_error
+    )
+    refused = kept.skipped.get("processor_error", 0)
+    if refused:
+        log(f"data: skipped {refused} samples the processor refuses ({kept.errors[-1]})")
+    if kept.neutralised:
+        log(
+            f"data: neutralised chat-control/image tokens in the text of {len(kept.neutralised)}"
+            " samples (now plain text)"
+        )
     if dropped:
         log(f"data: dropped {dropped} prompts longer than {dcfg.max_prompt_length} tokens")
     if len(kept) == 0:
@@ -241,5 +251,20 @@ def load_reward(rcfg) -> RewardRunner:
     workers = rcfg.num_workers
     if workers is None:
         workers = 0 if all(isinstance(f, str) and f in REWARDS for f in specs) else 1
+    limits = Limits(
+        env=tuple(rcfg.env),
+        memory_mb=rcfg.memory_mb,
+        cpu_s=rcfg.cpu_s,
+        file_size_mb=rcfg.file_size_mb,
+        max_processes=rcfg.max_processes,
+        user=rcfg.user,
+        network=rcfg.network,
+    )
     fn = MultiReward(funcs, list(rcfg.weights or []) or None) if funcs else rcfg.name
-    return RewardRunner(fn, num_workers=workers, timeout_s=rcfg.timeout_s)
+    return RewardRunner(
+        fn,
+        num_workers=workers,
+        timeout_s=rcfg.timeout_s,
+        limits=limits,
+        max_consecutive_failures=rcfg.max_consecutive_failures,
+    )
