@@ -27,6 +27,7 @@ from .objective import (
     Requirements,
     aggregate_total,
     compute_objective,
+    cppo_selection,
     objective_preset,
     register_term,
     requirements,
@@ -36,6 +37,7 @@ from .perception import (
     linear_anneal,
     papo_perception_loss,
     perception_kl,
+    quantile_top_mask,
     top_fraction_mask,
 )
 from .policy import ppo_clip_loss
@@ -50,6 +52,7 @@ __all__ = [
     "aggregate",
     "aggregate_total",
     "compute_objective",
+    "cppo_selection",
     "contrastive_perception_loss",
     "cppo_perception_mask",
     "double_entropy_loss",
@@ -66,6 +69,7 @@ __all__ = [
     "papo_perception_loss",
     "perception_kl",
     "ppo_clip_loss",
+    "quantile_top_mask",
     "register_term",
     "requirements",
     "sampled_entropy",
