@@ -243,9 +243,12 @@ def test_global_token_mean_invariant_to_micro_batching(agg, splits):
         for n in parts:
             sl = slice(start, start + n)
             x = ObjectiveInputs(**{k: (logp if k == "logp" else v)[sl] for k, v in b.items()})
-            acc = acc + compute_objective(
-                cfg, x, total=total, token_total=token_total, cpl_total=cpl_total
-            )[0]
+            acc = (
+                acc
+                + compute_objective(
+                    cfg, x, total=total, token_total=token_total, cpl_total=cpl_total
+                )[0]
+            )
             start += n
         acc.backward()
         return acc.item(), logp.grad

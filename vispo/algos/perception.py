@@ -48,9 +48,7 @@ def quantile_top_mask(values: torch.Tensor, mask: torch.Tensor, top_p: float) ->
     v = values.detach().float()
     if v.numel() == 0:
         return m.clone()
-    thresh = torch.nanquantile(
-        v.masked_fill(~m, float("nan")), 1.0 - top_p, dim=-1, keepdim=True
-    )
+    thresh = torch.nanquantile(v.masked_fill(~m, float("nan")), 1.0 - top_p, dim=-1, keepdim=True)
     return m & (v >= thresh)  # NaN thresholds (empty rows) compare False
 
 

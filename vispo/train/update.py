@@ -16,7 +16,13 @@ import math
 
 import torch
 
-from vispo.algos import ObjectiveInputs, Requirements, aggregate_total, compute_objective
+from vispo.algos import (
+    ObjectiveInputs,
+    Requirements,
+    aggregate_total,
+    compute_objective,
+    cppo_selection,
+)
 from vispo.models.scoring import ScoringBatch, score
 from vispo.train import deepspeed as ds
 from vispo.train.dist import Dist
@@ -166,13 +172,34 @@ def ppo_update(
         order = torch.randperm(B) if B > mini_batch else torch.arange(B)
         for mb in order.split(mini_batch):
             mb_batch = batch.select(mb)
-            # The denominator of the whole mini-batch, over every rank's share of it.
-            total = (
-                dist.all_reduce(aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon))
-                if micro_norm == "global"
-                else None
-            )
             micro = list(mb.split(micro_batch))
+            # The denominators of the whole mini-batch, over every rank's share of it.
+            total = token_total = cpl_total = None
+            selections: list = [None] * len(micro)
+            if micro_norm == "global":
+                total = dist.all_reduce(
+                    aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon)
+                )
+                token_total = (
+                    total
+                    if ocfg.agg == "token-mean"
+                    else dist.all_reduce(aggregate_total(mb_batch.response_mask, "token-mean"))
+                )
+                if cppo and ocfg.agg == "token-mean" and (len(micro) > 1 or dist.world > 1):
+                    selections = _cppo_selections(
+                        model,
+                        batch,
+                        micro,
+                        adv,
+                        step.variants,
+                        req,
+                        ocfg,
+                        temperature=temperature,
+                        stack=stack,
+                        autocast=autocast,
+                    )
+                    count = sum(aggregate_total(sel, "token-mean") for sel in selections)
+                    cpl_total = dist.all_reduce(torch.as_tensor(count, dtype=torch.float32))
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
             for k, idx in enumerate(micro):
@@ -190,6 +217,7 @@ def ppo_update(
                     temperature=temperature,
                     stack=stack,
                     autocast=autocast,
+                    selected=selections[k],
                 )
                 loss, metrics = compute_objective(
                     ocfg,
@@ -197,7 +225,8 @@ def ppo_update(
                     progress=progress,
                     gamma_scale=gamma_scale,
                     total=total,
-                    micro_weight=len(idx) / len(mb),
+                    token_total=token_total,
+                    cpl_total=cpl_total,
                 )
                 # DDP / FSDP2 average gradients over ranks; with the global denominator each
                 # rank's loss is its share of the sum, so scale it back by the world size.
@@ -281,6 +310,59 @@ def _finite_inputs(x: ObjectiveInputs) -> torch.Tensor:
     return ok
 
 
+def _cppo_rows(a: torch.Tensor, req: Requirements) -> torch.Tensor:
+    """The rows of a micro-batch whose CPPO views are scored (positive advantage when gated)."""
+    return torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(a))
+
+
+def _cppo_selections(
+    model,
+    batch: ScoringBatch,
+    micro: list,
+    adv,
+    variants,
+    req: Requirements,
+    ocfg,
+    *,
+    temperature: float,
+    stack: bool,
+    autocast: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """CPPO's selected tokens for every micro-batch of a mini-batch, before any backward, so
+    that its token-mean can divide by the mini-batch-wide count whatever the micro-batch size.
+
+    The selection reads only no-gradient entropies of the current policy, which do not change
+    within a mini-batch (the optimizer steps after it): one no-grad pass over the original and
+    ``I-`` images of the rows that can carry the loss, per micro-batch as the update will split
+    it. The update then uses these selections instead of selecting again. ``cpl_select: all``
+    needs no pass.
+    """
+    out = []
+    with torch.no_grad():
+        for idx in micro:
+            sub, a = batch.select(idx), adv[idx]
+            rows = _cppo_rows(a, req)
+            mask = sub.response_mask.index_select(0, rows)
+            if rows.numel() == 0:
+                out.append(mask.bool())
+                continue
+            ent = ent_neg = None
+            if ocfg.cpl_select == "perception":
+                orig, neg = score(
+                    model,
+                    sub.select(rows),
+                    [None, variants["neg"]],
+                    entropy=[True, True],
+                    temperature=temperature,
+                    grad=False,
+                    stack=stack,
+                    autocast=autocast,
+                )
+                ent, ent_neg = orig.entropy, neg.entropy
+            out.append(cppo_selection(ocfg, ent, ent_neg, a.index_select(0, rows), mask))
+    return out
+
+
 def _forward(
     model,
     sub: ScoringBatch,
@@ -295,8 +377,11 @@ def _forward(
     temperature: float,
     stack: bool,
     autocast: torch.dtype | None = None,
+    selected: torch.Tensor | None = None,
 ) -> ObjectiveInputs:
-    """Forward passes with gradient for one micro-batch -> the objective's inputs."""
+    """Forward passes with gradient for one micro-batch -> the objective's inputs.
+
+    ``selected``: CPPO's tokens for this micro-batch's CPPO rows, chosen beforehand."""
     passes = [None] + [variants[name] for name in grad_variants]
     flags = ["orig" in req.entropy] + [name in req.entropy for name in grad_variants]
     kw = dict(temperature=temperature, grad=True, stack=stack, autocast=autocast)
@@ -325,9 +410,7 @@ def _forward(
         entropy_mask=entropy_mask,
     )
     if cppo:
-        rows = (
-            torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(idx))
-        )
+        rows = _cppo_rows(a, req)
         T = sub.response_mask.shape[1]
         if rows.numel() > 0:
             pos, neg = score(
@@ -342,4 +425,5 @@ def _forward(
             empty = orig.logp.new_zeros(0, T)
             x.logp_pos, x.logp_neg, x.entropy_neg = empty, empty, empty
         x.cppo_rows = rows
+        x.cppo_selected = selected
     return x
