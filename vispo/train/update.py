@@ -185,7 +185,7 @@ def ppo_update(
                     if ocfg.agg == "token-mean"
                     else dist.all_reduce(aggregate_total(mb_batch.response_mask, "token-mean"))
                 )
-                if cppo and ocfg.agg == "token-mean" and (len(micro) > 1 or dist.world > 1):
+                if cppo and ocfg.agg == "token-mean" and len(micro) > 1:
                     selections = _cppo_selections(
                         model,
                         batch,
@@ -219,6 +219,10 @@ def ppo_update(
                     autocast=autocast,
                     selected=selections[k],
                 )
+                if cppo and micro_norm == "global" and ocfg.agg == "token-mean" and len(micro) == 1:
+                    # One micro-batch: select from this forward's entropies, count over ranks.
+                    x.cppo_selected = _select_rows(ocfg, x)
+                    cpl_total = dist.all_reduce(aggregate_total(x.cppo_selected, "token-mean"))
                 loss, metrics = compute_objective(
                     ocfg,
                     x,
@@ -313,6 +317,19 @@ def _finite_inputs(x: ObjectiveInputs) -> torch.Tensor:
 def _cppo_rows(a: torch.Tensor, req: Requirements) -> torch.Tensor:
     """The rows of a micro-batch whose CPPO views are scored (positive advantage when gated)."""
     return torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(a))
+
+
+def _select_rows(ocfg, x: ObjectiveInputs) -> torch.Tensor:
+    """CPPO's tokens of a micro-batch's CPPO rows, from the entropies of its own forward."""
+    rows = x.cppo_rows
+    ent = None if x.entropy is None else x.entropy.index_select(0, rows)
+    return cppo_selection(
+        ocfg,
+        ent,
+        x.entropy_neg,
+        x.advantages.index_select(0, rows),
+        x.mask.index_select(0, rows),
+    )
 
 
 def _cppo_selections(
