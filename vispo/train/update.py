@@ -25,7 +25,7 @@ from vispo.algos import (
 )
 from vispo.models.scoring import ScoringBatch, score
 from vispo.train import deepspeed as ds
-from vispo.train.dist import Dist
+from vispo.train.dist import Dist, unwrap
 from vispo.train.optim import lr_factor
 
 
@@ -204,7 +204,7 @@ def ppo_update(
             loss_ok = torch.tensor(True)
             for k, idx in enumerate(micro):
                 sub = batch.select(idx)
-                x = _forward(
+                x, anchor = _forward(
                     model,
                     sub,
                     idx,
@@ -232,6 +232,8 @@ def ppo_update(
                     token_total=token_total,
                     cpl_total=cpl_total,
                 )
+                if anchor is not None:
+                    loss = loss + anchor
                 # DDP / FSDP2 average gradients over ranks; with the global denominator each
                 # rank's loss is its share of the sum, so scale it back by the world size.
                 scale = 1.0 if micro_norm == "global" else 1.0 / len(micro)
@@ -352,22 +354,23 @@ def _cppo_selections(
     within a mini-batch (the optimizer steps after it): one no-grad pass over the original and
     ``I-`` images of the rows that can carry the loss, per micro-batch as the update will split
     it. The update then uses these selections instead of selecting again. ``cpl_select: all``
-    needs no pass.
+    needs no pass. The passes run through the unwrapped model (DDP: no collective); a sharded
+    model's forward gathers weights on every rank, so a micro-batch without CPPO rows still
+    runs one (discarded) row, and every rank runs the same number of forwards.
     """
     out = []
+    scorer = unwrap(model)
     with torch.no_grad():
         for idx in micro:
             sub, a = batch.select(idx), adv[idx]
             rows = _cppo_rows(a, req)
             mask = sub.response_mask.index_select(0, rows)
-            if rows.numel() == 0:
-                out.append(mask.bool())
-                continue
             ent = ent_neg = None
             if ocfg.cpl_select == "perception":
+                scored = rows if rows.numel() > 0 else torch.zeros(1, dtype=torch.long)
                 orig, neg = score(
-                    model,
-                    sub.select(rows),
+                    scorer,
+                    sub.select(scored),
                     [None, variants["neg"]],
                     entropy=[True, True],
                     temperature=temperature,
@@ -375,6 +378,9 @@ def _cppo_selections(
                     stack=stack,
                     autocast=autocast,
                 )
+                if rows.numel() == 0:
+                    out.append(mask.bool())
+                    continue
                 ent, ent_neg = orig.entropy, neg.entropy
             out.append(cppo_selection(ocfg, ent, ent_neg, a.index_select(0, rows), mask))
     return out
@@ -396,7 +402,8 @@ def _forward(
     autocast: torch.dtype | None = None,
     selected: torch.Tensor | None = None,
 ) -> ObjectiveInputs:
-    """Forward passes with gradient for one micro-batch -> the objective's inputs.
+    """Forward passes with gradient for one micro-batch -> (the objective's inputs, a zero
+    tensor to add to the loss when a forward ran only to keep ranks in step, else None).
 
     ``selected``: CPPO's tokens for this micro-batch's CPPO rows, chosen beforehand."""
     passes = [None] + [variants[name] for name in grad_variants]
@@ -404,6 +411,7 @@ def _forward(
     kw = dict(temperature=temperature, grad=True, stack=stack, autocast=autocast)
     out = score(model, sub, passes, entropy=flags, **kw)
     orig = out[0]
+    anchor = None
     by_name = dict(zip(grad_variants, out[1:]))
     a = adv[idx]
 
@@ -439,8 +447,18 @@ def _forward(
             )
             x.logp_pos, x.logp_neg, x.entropy_neg = pos.logp, neg.logp, neg.entropy
         else:
+            # No row carries the contrastive loss here, but a wrapped model's forward holds
+            # collectives (DDP buffer broadcasts, FSDP2 / ZeRO-3 gathers) that every rank must
+            # run alike: score one row anyway and add it to the loss with weight 0.
+            pos, neg = score(
+                model,
+                sub.select(torch.zeros(1, dtype=torch.long)),
+                [variants["pos"], variants["neg"]],
+                **kw,
+            )
+            anchor = 0.0 * (pos.logp.sum() + neg.logp.sum())
             empty = orig.logp.new_zeros(0, T)
             x.logp_pos, x.logp_neg, x.entropy_neg = empty, empty, empty
         x.cppo_rows = rows
         x.cppo_selected = selected
-    return x
+    return x, anchor
