@@ -401,7 +401,7 @@ def _forward(
     stack: bool,
     autocast: torch.dtype | None = None,
     selected: torch.Tensor | None = None,
-) -> ObjectiveInputs:
+) -> tuple[ObjectiveInputs, torch.Tensor | None]:
     """Forward passes with gradient for one micro-batch -> (the objective's inputs, a zero
     tensor to add to the loss when a forward ran only to keep ranks in step, else None).
 
