@@ -18,6 +18,7 @@ from vispo.algos import (
     compute_objective,
     contrastive_perception_loss,
     cppo_perception_mask,
+    cppo_selection,
     group_advantages,
     kl_estimate,
     objective_preset,
@@ -231,9 +232,17 @@ def test_padding_with_fixed_horizon_for_dr_grpo():
 )
 @pytest.mark.parametrize("splits", [[6], [3, 3], [1, 2, 3], [1, 1, 1, 1, 1, 1]])
 def test_global_token_mean_invariant_to_micro_batching(agg, splits):
-    cfg = ObjectiveConfig(agg=agg, horizon=5, **ALL_ON)
+    """Every term, CPPO's and PAPO's top-p included: with the mini-batch-wide denominators the
+    micro-batch losses sum to the whole batch's loss, however it is split."""
+    cfg = ObjectiveConfig(
+        agg=agg, horizon=5, **ALL_ON, cpl_lambda=0.5, perception_top_frac=0.5, perception_kl_clip=1
+    )
     b = _batch(seed=3)
     total = aggregate_total(b["mask"], agg, horizon=5)
+    token_total = aggregate_total(b["mask"], "token-mean")
+    sel = cppo_selection(cfg, b["entropy"], b["entropy_neg"], b["advantages"], b["mask"])
+    assert 0 < int(sel.sum()) < int(b["mask"].sum())
+    cpl_total = aggregate_total(sel, "token-mean")
 
     def loss_and_grad(parts):
         logp = b["logp"].clone().requires_grad_(True)
@@ -241,12 +250,21 @@ def test_global_token_mean_invariant_to_micro_batching(agg, splits):
         for n in parts:
             sl = slice(start, start + n)
             x = ObjectiveInputs(**{k: (logp if k == "logp" else v)[sl] for k, v in b.items()})
-            acc = acc + compute_objective(cfg, x, total=total)[0]
+            acc = (
+                acc
+                + compute_objective(
+                    cfg, x, total=total, token_total=token_total, cpl_total=cpl_total
+                )[0]
+            )
             start += n
         acc.backward()
         return acc.item(), logp.grad
 
     ref_loss, ref_grad = loss_and_grad([6])
+    # The whole batch with its own denominators is the same loss.
+    assert compute_objective(cfg, ObjectiveInputs(**b))[0].item() == pytest.approx(
+        ref_loss, rel=1e-6
+    )
     loss, grad = loss_and_grad(splits)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     torch.testing.assert_close(grad, ref_grad)

@@ -30,11 +30,12 @@ def test_perception_kl_and_papo_loss_by_hand():
     assert kl[0, 1].item() == 0.0
     loss, _ = papo_perception_loss(lo, lm, mask, gamma=0.02)
     assert loss.item() == pytest.approx(-0.02 * K3_HALF_QUARTER / 2)
-    # KL clip to [0, 0.1] and top-50% (1 of 2 tokens: the larger KL).
+    # KL clip to [0, 0.1]; top-50%: the median of (k, 0) is k/2, so only the first token is
+    # kept, and the mean still divides by both response tokens.
     loss, _ = papo_perception_loss(lo, lm, mask, gamma=1.0, kl_clip=0.1)
     assert loss.item() == pytest.approx(-(0.1 + 0.0) / 2)
     loss, _ = papo_perception_loss(lo, lm, mask, gamma=1.0, top_frac=0.5)
-    assert loss.item() == pytest.approx(-K3_HALF_QUARTER)
+    assert loss.item() == pytest.approx(-K3_HALF_QUARTER / 2)
 
 
 def test_papo_gradient_wrt_original_by_hand():

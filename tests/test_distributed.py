@@ -94,7 +94,9 @@ def _assert_same(history, weights, reference, preset="papo_g"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     assert set(weights) == set(ref_weights)
     for name, w in weights.items():
-        assert (w - ref_weights[name]).abs().max().item() < 1e-5, name
+        # 5% of one AdamW step at lr 1e-3: Adam turns float noise in a near-zero gradient
+        # into a visible weight difference (1.0e-5 on 2 of 8192 weights of one layer here).
+        assert (w - ref_weights[name]).abs().max().item() < 5e-5, name
 
 
 @pytest.mark.parametrize("preset", list(PRESET_COMPARED))

@@ -157,7 +157,7 @@ def _add_model_options(parser: argparse.ArgumentParser, limit: int | None = None
         "--benchmarks",
         default=None,
         help="comma-separated benchmark names (vispo eval --list shows them) (default: "
-        f"{DEFAULT_BENCHMARKS}; a run folder without --data: its own held-out set)",
+        f"{DEFAULT_BENCHMARKS}), for a run folder without --data its own held-out set",
     )
     parser.add_argument(
         "--data-root", help="folder of local benchmark files (docs/evaluation.md: layout)"

@@ -29,6 +29,7 @@ from .objective import (
     Requirements,
     aggregate_total,
     compute_objective,
+    cppo_selection,
     noisy_rollout_plan,
     objective_preset,
     register_term,
@@ -40,6 +41,7 @@ from .perception import (
     linear_anneal,
     papo_perception_loss,
     perception_kl,
+    quantile_top_mask,
     top_fraction_mask,
 )
 from .policy import ppo_clip_loss
@@ -65,6 +67,7 @@ __all__ = [
     "aggregate",
     "aggregate_total",
     "compute_objective",
+    "cppo_selection",
     "contrastive_perception_loss",
     "cppo_perception_mask",
     "double_entropy_loss",
@@ -86,6 +89,7 @@ __all__ = [
     "perception_kl",
     "policy_loss",
     "ppo_clip_loss",
+    "quantile_top_mask",
     "register_term",
     "requirements",
     "sampled_entropy",

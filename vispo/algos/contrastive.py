@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .aggregate import aggregate
 from .kl import full_kl, kl_estimate
 
 CPL_ESTIMATORS = ("k3", "k1", "full")
@@ -61,16 +62,21 @@ def contrastive_perception_loss(
     *,
     tau: float = 0.1,
     estimator: str = "k3",
+    agg: str = "token-mean",
+    horizon: int | None = None,
     total: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_cpl = sum(softplus((d+ - d-) / tau) * sel) / (sum(sel) + 1e-8)``.
+    """``L_cpl = aggregate(softplus((d+ - d-) / tau), selected, agg)``; with the default
+    token-mean, ``sum(c * sel) / (sum(sel) + 1e-8)``.
 
     ``d+ = KL(pi(.|I) || pi(.|I+))`` and ``d- = KL(pi(.|I) || pi(.|I-))`` per token, estimated by
     ``"k3"`` (default) or ``"k1"`` from sampled-token log-probs ``[B, T]``, or exactly with
     ``"full"``, in which case the three inputs are full log-prob tensors ``[B, T, V]``.
     Gradient flows through all three passes; ``selected`` is treated as a constant. Zero (with
-    finite zero gradients) when nothing is selected. ``total`` replaces ``sum(sel)`` by a
-    mini-batch-wide count for micro-batching.
+    finite zero gradients) when nothing is selected. ``agg`` is the policy loss's aggregation
+    with the selection as the mask, as the CPPO recipe applies the actor's ``loss_agg_mode``;
+    ``total`` replaces the denominator (the selected-token count for token-mean, the number of
+    sequences for the seq-mean modes) by a mini-batch-wide one for micro-batching.
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
@@ -84,8 +90,7 @@ def contrastive_perception_loss(
     sel = selected.detach().to(d_pos.dtype)
     c = F.softplus((d_pos - d_neg) / tau)
     c = torch.where(sel > 0, c, torch.zeros_like(c))
-    denom = sel.sum() + 1e-8 if total is None else total
-    loss = (c * sel).sum() / denom
+    loss = aggregate(c, sel, agg, horizon=horizon, total=total)
     with torch.no_grad():
         n_sel = sel.sum().clamp(min=1)
         metrics = {

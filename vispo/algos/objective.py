@@ -33,6 +33,7 @@ from .policy_losses import POLICY_LOSSES, policy_loss
 from .vppo import VPPO_ESTIMATORS, visual_dependency, vppo_advantage_weights, vppo_token_mask
 
 ENTROPY_ESTIMATORS = ("sampled", "full")
+MASK_ORDERS = ("before-resize", "after-resize")
 _WARNED: set[str] = set()  # one-time warnings already shown in this process
 
 
@@ -61,7 +62,9 @@ class ObjectiveConfig:
     dual_clip: float | None = _f(3.0, "Dual-clip bound for negative advantages (None: off).")
     agg: str = _f("token-mean", f"Loss aggregation, one of {AGG_MODES}.")
     horizon: int | None = _f(
-        None, "Constant horizon for 'seq-mean-token-sum-norm' (Dr. GRPO); default: max length."
+        None,
+        "Constant divisor (tokens per sequence) of 'seq-mean-token-sum-norm' (Dr. GRPO); the "
+        "trainer fills in rollout.max_new_tokens when unset (verl: the max response length).",
     )
     beta: float = _f(0.01, "Weight of the reference-model KL (k3 estimator); 0 skips the pass.")
     ref_kl_estimator: str = _f("k3", f"Estimator of the reference KL, one of {KL_ESTIMATORS}.")
@@ -90,11 +93,21 @@ class ObjectiveConfig:
     )
     mask_ratio: float = _f(0.6, "PAPO: probability that each image patch is blacked out.")
     mask_patch_size: int = _f(14, "PAPO: side of the square masking patches, in pixels.")
+    mask_order: str = _f(
+        "before-resize",
+        "PAPO: where the patch mask is drawn. 'before-resize' (reference code): on the dataset's "
+        "image, which is then resized to the processor's pixel budget like the clean image, so "
+        "patches are mask_patch_size px in the original image. 'after-resize': on the resized "
+        "image, so patches are mask_patch_size px as the model sees them.",
+    )
     perception_kl_clip: float | None = _f(
         None, "PAPO option: clamp per-token perception KL to [0, value] (reference: 0.2)."
     )
     perception_top_frac: float | None = _f(
-        None, "PAPO option: keep only this top fraction of tokens by KL per sequence (0.2)."
+        None,
+        "PAPO option (reference top_p, 0.2): per sequence keep the tokens whose KL is at or above "
+        "the (1 - value) quantile, selected before clipping; the mean still divides by every "
+        "response token.",
     )
     eta_orig: float = _f(0.0, "PAPO double entropy: weight of H(original); 0.03 PAPO-D.")
     eta_mask: float = _f(0.0, "PAPO double entropy: weight of H(masked); 0.03 PAPO-D.")
@@ -190,6 +203,7 @@ class ObjectiveConfig:
             "advantage": ADVANTAGE_ESTIMATORS,
             "noisy_anneal": NOISE_ANNEAL,
             "vppo_estimator": VPPO_ESTIMATORS,
+            "mask_order": MASK_ORDERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -248,6 +262,8 @@ class ObjectiveConfig:
             raise ValueError("objective.ds_low/ds_high must satisfy 0 <= low < high <= 1")
         if self.ds_max_rounds < 1:
             raise ValueError(f"objective.ds_max_rounds must be >= 1, got {self.ds_max_rounds}")
+        if self.horizon is not None and self.horizon < 1:
+            raise ValueError(f"objective.horizon must be >= 1 or None, got {self.horizon}")
         if self.mask_patch_size < 1:
             raise ValueError(f"objective.mask_patch_size must be >= 1, got {self.mask_patch_size}")
         for term in self.extra_terms:
@@ -453,7 +469,9 @@ class ObjectiveInputs:
     ``logp`` carries gradient (current policy, original image). ``old_logp`` None means exactly
     on-policy (old = current, detached). Variant log-probs/entropies are None when not scored.
     ``cppo_rows`` (long ``[B']``): when given, ``logp_pos``/``logp_neg``/``entropy_neg`` (and the
-    CPPO ``full_*`` tensors) cover only these rows of the batch.
+    CPPO ``full_*`` tensors) cover only these rows of the batch. ``cppo_selected``: the CPPO
+    perception tokens of those rows, when the caller selected them beforehand
+    (:func:`cppo_selection`); otherwise they are selected here from the entropies.
     """
 
     logp: torch.Tensor
@@ -469,6 +487,7 @@ class ObjectiveInputs:
     entropy_pos: torch.Tensor | None = None
     entropy_neg: torch.Tensor | None = None
     cppo_rows: torch.Tensor | None = None
+    cppo_selected: torch.Tensor | None = None  # bool [B', T]: CPPO tokens chosen beforehand
     full_logp: torch.Tensor | None = None  # [B, T, V], CPPO "full" estimator only
     full_logp_pos: torch.Tensor | None = None
     full_logp_neg: torch.Tensor | None = None
@@ -523,18 +542,24 @@ def compute_objective(
     progress: float = 0.0,
     gamma_scale: float = 1.0,
     total: torch.Tensor | float | None = None,
-    micro_weight: float = 1.0,
+    token_total: torch.Tensor | float | None = None,
+    cpl_total: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Compose the objective for one (micro-)batch. Returns ``(loss, metrics)``.
 
     ``progress``: fraction of training done (annealing). ``gamma_scale``: multiplier set by the
-    collapse guard (1 = unchanged). ``total``: the mini-batch-wide aggregation denominator
-    (:func:`aggregate_total`); the default normalises within this batch. ``micro_weight``: this
-    micro-batch's share of the mini-batch, applied to the terms that can only be normalised
-    locally (CPPO's selected-token mean, PAPO's top-fraction option).
+    collapse guard (1 = unchanged). The three denominators, each ``None`` to normalise within
+    this batch, or the mini-batch-wide value so that micro-batch losses sum to the mini-batch
+    loss: ``total`` for ``cfg.agg`` (:func:`aggregate_total` of the response mask);
+    ``token_total``, the response-token count, for PAPO's entropy terms (token means whatever
+    ``cfg.agg``, as in the reference code); ``cpl_total``, the count of CPPO's selected tokens,
+    for its contrastive term when ``cfg.agg`` is token-mean (the seq-mean modes use ``total``).
     """
     mask = x.mask.float()
     agg = dict(horizon=cfg.horizon, total=total)
+    if token_total is None and cfg.agg == "token-mean":
+        token_total = total
+    token_agg = dict(total=token_total)
     old = x.logp.detach() if x.old_logp is None else x.old_logp
     metrics: dict[str, torch.Tensor] = {}
     advantages = x.advantages
@@ -597,7 +622,6 @@ def compute_objective(
         factor = gamma_t / cfg.gamma if cfg.gamma > 0 else 1.0
         gamma_t *= gamma_scale
         logp_mask = x.logp_mask if cfg.masked_grad else x.logp_mask.detach()
-        papo_agg = agg if cfg.perception_top_frac is None else dict(horizon=cfg.horizon)
         term, kl_prcp = papo_perception_loss(
             x.logp,
             logp_mask,
@@ -606,10 +630,8 @@ def compute_objective(
             agg=cfg.agg,
             kl_clip=cfg.perception_kl_clip,
             top_frac=cfg.perception_top_frac,
-            **papo_agg,
+            **agg,
         )
-        if cfg.perception_top_frac is not None:
-            term = term * micro_weight
         metrics["loss/perception_kl"] = term.detach()
         metrics["perception/kl_mean"] = masked_mean(kl_prcp, mask)
         metrics["perception/gamma"] = torch.tensor(gamma_t)
@@ -625,21 +647,25 @@ def compute_objective(
                 mask,
                 eta_orig=cfg.eta_orig * factor * gamma_scale,
                 eta_mask=cfg.eta_mask * factor * gamma_scale,
-                agg=cfg.agg,
-                **agg,
+                agg="token-mean",
+                **token_agg,
             )
             metrics["loss/entropy_orig"] = t_orig.detach()
             metrics["loss/entropy_mask"] = t_mask.detach()
             loss = loss + t_orig + t_mask
     elif cfg.eta_orig > 0:
         h_orig = _entropy(cfg.entropy_estimator, x.logp, x.entropy, "entropy")
-        t_orig = cfg.eta_orig * aggregate(h_orig, mask, cfg.agg, **agg)
+        t_orig = cfg.eta_orig * aggregate(h_orig, mask, "token-mean", **token_agg)
         metrics["loss/entropy_orig"] = t_orig.detach()
         loss = loss + t_orig
 
     if cfg.uses_cppo:
-        term, cppo_metrics = _cppo_term(cfg, x, mask)
-        term = cfg.cpl_lambda * term * micro_weight
+        if cfg.agg == "token-mean":
+            cpl_den = cpl_total
+        else:  # the seq-mean modes divide by every sequence of the batch, as the recipe does
+            cpl_den = total if total is not None else aggregate_total(mask, cfg.agg, cfg.horizon)
+        term, cppo_metrics = _cppo_term(cfg, x, mask, cpl_den)
+        term = cfg.cpl_lambda * term
         metrics.update(cppo_metrics)
         metrics["loss/cpl"] = term.detach()
         loss = loss + term
@@ -672,23 +698,41 @@ def _entropies(estimator, logp, h_full, logp_mask, h_mask_full):
     )
 
 
-def _cppo_term(cfg: ObjectiveConfig, x: ObjectiveInputs, mask: torch.Tensor):
+def cppo_selection(
+    cfg: ObjectiveConfig,
+    entropy: torch.Tensor | None,
+    entropy_neg: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """CPPO's tokens for ``cfg`` (bool ``[B, T]``, no gradient): the perception tokens of
+    :func:`cppo_perception_mask` (``cpl_select: perception``, needs both full entropies) or
+    every response token (``all``), with the advantage gate when ``cpl_gate``."""
+    if cfg.cpl_select == "perception":
+        if entropy is None or entropy_neg is None:
+            raise ValueError("CPPO token selection needs full entropies (entropy, entropy_neg)")
+        return cppo_perception_mask(
+            entropy, entropy_neg, advantages, mask, top_frac=cfg.cpl_top_frac, gate=cfg.cpl_gate
+        )
+    selected = mask.bool()
+    if cfg.cpl_gate:
+        seq_adv = advantages if advantages.ndim == 1 else advantages[:, 0]
+        selected = selected & (seq_adv > 0)[:, None]
+    return selected
+
+
+def _cppo_term(cfg: ObjectiveConfig, x: ObjectiveInputs, mask: torch.Tensor, total=None):
     if x.logp_pos is None or x.logp_neg is None:
         raise ValueError("objective.cpl_lambda > 0 needs I+ and I- log-probs (logp_pos, logp_neg)")
     rows = x.cppo_rows
     take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
     logp, m, adv = take(x.logp), take(mask), take(x.advantages)
-    if cfg.cpl_select == "perception":
-        if x.entropy is None or x.entropy_neg is None:
-            raise ValueError("CPPO token selection needs full entropies (entropy, entropy_neg)")
-        selected = cppo_perception_mask(
-            take(x.entropy), x.entropy_neg, adv, m, top_frac=cfg.cpl_top_frac, gate=cfg.cpl_gate
-        )
+    if x.cppo_selected is not None:
+        selected = x.cppo_selected.bool()
     else:
-        selected = m.bool()
-        if cfg.cpl_gate:
-            seq_adv = adv if adv.ndim == 1 else adv[:, 0]
-            selected = selected & (seq_adv > 0)[:, None]
+        selected = cppo_selection(
+            cfg, None if x.entropy is None else take(x.entropy), x.entropy_neg, adv, m
+        )
     if cfg.cpl_estimator == "full":
         if x.full_logp is None or x.full_logp_pos is None or x.full_logp_neg is None:
             raise ValueError("cpl_estimator='full' needs full log-prob tensors [B, T, V]")
@@ -696,7 +740,13 @@ def _cppo_term(cfg: ObjectiveConfig, x: ObjectiveInputs, mask: torch.Tensor):
     else:
         inputs = (logp, x.logp_pos, x.logp_neg)
     loss, metrics = contrastive_perception_loss(
-        *inputs, selected, tau=cfg.cpl_tau, estimator=cfg.cpl_estimator
+        *inputs,
+        selected,
+        tau=cfg.cpl_tau,
+        estimator=cfg.cpl_estimator,
+        agg=cfg.agg,
+        horizon=cfg.horizon,
+        total=total,
     )
     metrics["perception/selected_frac"] = selected.float().sum() / (mask.sum() + 1e-8)
     return loss, metrics

@@ -167,6 +167,35 @@ def prompt_rng(seed: int, key: tuple[int, ...], stream: int) -> np.random.Genera
     return np.random.default_rng([seed, *key, stream])
 
 
+def masked_variant(
+    clean: Image.Image,
+    original: Image.Image | None,
+    *,
+    budget: tuple[int, int, int] | None,
+    patch_size: int,
+    ratio: float,
+    rng: np.random.Generator,
+) -> Image.Image:
+    """PAPO's masked image for one clean (already resized) image.
+
+    With ``original`` (the image as loaded, before :func:`prepare_image`), the patches are
+    drawn on it and the result is resized with ``budget`` like the clean image: the reference
+    order, patches of ``patch_size`` pixels in the original image. Without it, the patches are
+    drawn on ``clean``: ``patch_size`` pixels at the model's resolution.
+    """
+    if original is None:
+        return random_patch_mask(clean, patch_size=patch_size, ratio=ratio, rng=rng)
+    masked = prepare_image(
+        random_patch_mask(original, patch_size=patch_size, ratio=ratio, rng=rng), budget
+    )
+    if masked.size != clean.size:
+        raise ValueError(
+            f"the masked image resized to {masked.size} but the clean one is {clean.size}: pass "
+            "the budget the clean images were prepared with"
+        )
+    return masked
+
+
 def draw_variants(
     step: StepBatch,
     processor,
@@ -176,21 +205,42 @@ def draw_variants(
     mask_ratio: float,
     mask_patch_size: int,
     include_blur: bool,
+    mask_order: str = "after-resize",
+    budget: tuple[int, int, int] | None = None,
 ) -> None:
     """Draw each prompt's perturbed images (shared by its rollouts) and their pixel inputs.
 
     Each prompt draws from :func:`prompt_rng`; per image the order is mask, then I+, then I-.
+    ``mask_order="before-resize"`` (the PAPO reference) masks the sample's image as loaded and
+    then resizes it with :func:`prepare_image` and ``budget`` (the clean image's resize, so the
+    sizes match); ``"after-resize"`` masks the resized image the rollouts saw.
     """
     if not names:
         return
     images = {name: [] for name in names}
+    if mask_order not in ("before-resize", "after-resize"):
+        raise ValueError(
+            f"mask_order must be 'before-resize' or 'after-resize', got {mask_order!r}"
+        )
     for g in step.groups:
         rng = prompt_rng(seed, g.key, 0)
         per = {name: [] for name in names}
-        for img in g.images:
+        raw = (
+            g.sample.load_images()
+            if "mask" in per and mask_order == "before-resize"
+            else [None] * len(g.images)
+        )
+        for img, original in zip(g.images, raw):
             if "mask" in per:
                 per["mask"].append(
-                    random_patch_mask(img, patch_size=mask_patch_size, ratio=mask_ratio, rng=rng)
+                    masked_variant(
+                        img,
+                        original,
+                        budget=budget,
+                        patch_size=mask_patch_size,
+                        ratio=mask_ratio,
+                        rng=rng,
+                    )
                 )
             if "pos" in per:
                 per["pos"].append(info_preserving(img, rng, include_blur=include_blur)[0])

@@ -389,6 +389,10 @@ class Config:
         )
         need(self.guard.window >= 2, "guard.window", "must be >= 2")
         need(1 <= self.guard.min_signals <= 4, "guard.min_signals", "must be in 1..4")
+        if self.objective.agg == "seq-mean-token-sum-norm" and self.objective.horizon is None:
+            # Dr. GRPO's normaliser is a constant (verl: the configured max response length),
+            # not the longest response of the step.
+            self.objective.horizon = r.max_new_tokens
         return self
 
 

@@ -220,6 +220,8 @@ class Trainer:
             mask_ratio=cfg.objective.mask_ratio,
             mask_patch_size=cfg.objective.mask_patch_size,
             include_blur=cfg.objective.cpl_blur,
+            mask_order=cfg.objective.mask_order,
+            budget=self.budget,
         )
         t1 = time.perf_counter()
         fixed = score_fixed(  # score (no-grad passes)

@@ -21,11 +21,12 @@ from vispo.algos import (
     Requirements,
     aggregate_total,
     compute_objective,
+    cppo_selection,
     shaped_advantages,
 )
 from vispo.models.scoring import ScoringBatch, score
 from vispo.train import deepspeed as ds
-from vispo.train.dist import Dist
+from vispo.train.dist import Dist, unwrap
 from vispo.train.optim import lr_factor
 
 
@@ -184,12 +185,6 @@ def ppo_update(
         order = torch.randperm(B) if B > mini_batch else torch.arange(B)
         for mb in order.split(mini_batch):
             mb_batch = batch.select(mb)
-            # The denominator of the whole mini-batch, over every rank's share of it.
-            total = (
-                dist.all_reduce(aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon))
-                if micro_norm == "global"
-                else None
-            )
             micro = list(mb.split(micro_batch))
             mb_adv = shaped_advantages(  # VPPO: per-trajectory reweighting over the mini-batch
                 ocfg,
@@ -200,11 +195,39 @@ def ppo_update(
                 batch.response_mask,
                 dependency=fixed.variant_kl.get("mask"),
             )
+            # The denominators of the whole mini-batch, over every rank's share of it.
+            total = token_total = cpl_total = None
+            selections: list = [None] * len(micro)
+            if micro_norm == "global":
+                total = dist.all_reduce(
+                    aggregate_total(mb_batch.response_mask, ocfg.agg, ocfg.horizon)
+                )
+                token_total = (
+                    total
+                    if ocfg.agg == "token-mean"
+                    else dist.all_reduce(aggregate_total(mb_batch.response_mask, "token-mean"))
+                )
+                if cppo and ocfg.agg == "token-mean" and len(micro) > 1:
+                    selections = _cppo_selections(
+                        model,
+                        batch,
+                        micro,
+                        mb_adv,
+                        step.variants,
+                        req,
+                        ocfg,
+                        temperature=temperature,
+                        stack=stack,
+                        autocast=autocast,
+                        shared_prefix=shared_prefix,
+                    )
+                    count = sum(aggregate_total(sel, "token-mean") for sel in selections)
+                    cpl_total = dist.all_reduce(torch.as_tensor(count, dtype=torch.float32))
             optimizer.zero_grad(set_to_none=True)
             loss_ok = torch.tensor(True)
             for k, idx in enumerate(micro):
                 sub = batch.select(idx)
-                x = _forward(
+                x, anchor = _forward(
                     model,
                     sub,
                     idx,
@@ -218,15 +241,23 @@ def ppo_update(
                     stack=stack,
                     autocast=autocast,
                     shared_prefix=shared_prefix,
+                    selected=selections[k],
                 )
+                if cppo and micro_norm == "global" and ocfg.agg == "token-mean" and len(micro) == 1:
+                    # One micro-batch: select from this forward's entropies, count over ranks.
+                    x.cppo_selected = _select_rows(ocfg, x)
+                    cpl_total = dist.all_reduce(aggregate_total(x.cppo_selected, "token-mean"))
                 loss, metrics = compute_objective(
                     ocfg,
                     x,
                     progress=progress,
                     gamma_scale=gamma_scale,
                     total=total,
-                    micro_weight=len(idx) / len(mb),
+                    token_total=token_total,
+                    cpl_total=cpl_total,
                 )
+                if anchor is not None:
+                    loss = loss + anchor
                 # DDP / FSDP2 average gradients over ranks; with the global denominator each
                 # rank's loss is its share of the sum, so scale it back by the world size.
                 scale = 1.0 if micro_norm == "global" else 1.0 / len(micro)
@@ -309,6 +340,78 @@ def _finite_inputs(x: ObjectiveInputs) -> torch.Tensor:
     return ok
 
 
+def _cppo_rows(a: torch.Tensor, req: Requirements) -> torch.Tensor:
+    """The rows of a micro-batch whose CPPO views are scored (positive advantage when gated)."""
+    return torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(a))
+
+
+def _select_rows(ocfg, x: ObjectiveInputs) -> torch.Tensor:
+    """CPPO's tokens of a micro-batch's CPPO rows, from the entropies of its own forward."""
+    rows = x.cppo_rows
+    ent = None if x.entropy is None else x.entropy.index_select(0, rows)
+    return cppo_selection(
+        ocfg,
+        ent,
+        x.entropy_neg,
+        x.advantages.index_select(0, rows),
+        x.mask.index_select(0, rows),
+    )
+
+
+def _cppo_selections(
+    model,
+    batch: ScoringBatch,
+    micro: list,
+    adv,
+    variants,
+    req: Requirements,
+    ocfg,
+    *,
+    temperature: float,
+    stack: bool,
+    autocast: torch.dtype | None = None,
+    shared_prefix: bool = False,
+) -> list[torch.Tensor]:
+    """CPPO's selected tokens for every micro-batch of a mini-batch, before any backward, so
+    that its token-mean can divide by the mini-batch-wide count whatever the micro-batch size.
+
+    The selection reads only no-gradient entropies of the current policy, which do not change
+    within a mini-batch (the optimizer steps after it): one no-grad pass over the original and
+    ``I-`` images of the rows that can carry the loss, per micro-batch as the update will split
+    it. The update then uses these selections instead of selecting again. ``cpl_select: all``
+    needs no pass. The passes run through the unwrapped model (DDP: no collective); a sharded
+    model's forward gathers weights on every rank, so a micro-batch without CPPO rows still
+    runs one (discarded) row, and every rank runs the same number of forwards.
+    """
+    out = []
+    scorer = unwrap(model)
+    with torch.no_grad():
+        for idx in micro:
+            sub, a = batch.select(idx), adv[idx]
+            rows = _cppo_rows(a, req)
+            mask = sub.response_mask.index_select(0, rows)
+            ent = ent_neg = None
+            if ocfg.cpl_select == "perception":
+                scored = rows if rows.numel() > 0 else torch.zeros(1, dtype=torch.long)
+                orig, neg = score(
+                    scorer,
+                    sub.select(scored),
+                    [None, variants["neg"]],
+                    entropy=[True, True],
+                    temperature=temperature,
+                    grad=False,
+                    stack=stack,
+                    autocast=autocast,
+                    shared_prefix=shared_prefix,
+                )
+                if rows.numel() == 0:
+                    out.append(mask.bool())
+                    continue
+                ent, ent_neg = orig.entropy, neg.entropy
+            out.append(cppo_selection(ocfg, ent, ent_neg, a.index_select(0, rows), mask))
+    return out
+
+
 def _forward(
     model,
     sub: ScoringBatch,
@@ -324,8 +427,12 @@ def _forward(
     stack: bool,
     autocast: torch.dtype | None = None,
     shared_prefix: bool = False,
-) -> ObjectiveInputs:
-    """Forward passes with gradient for one micro-batch -> the objective's inputs."""
+    selected: torch.Tensor | None = None,
+) -> tuple[ObjectiveInputs, torch.Tensor | None]:
+    """Forward passes with gradient for one micro-batch -> (the objective's inputs, a zero
+    tensor to add to the loss when a forward ran only to keep ranks in step, else None).
+
+    ``selected``: CPPO's tokens for this micro-batch's CPPO rows, chosen beforehand."""
     passes = [None] + [variants[name] for name in grad_variants]
     flags = ["orig" in req.entropy] + [name in req.entropy for name in grad_variants]
     kw = dict(
@@ -337,6 +444,7 @@ def _forward(
     )
     out = score(model, sub, passes, entropy=flags, **kw)
     orig = out[0]
+    anchor = None
     by_name = dict(zip(grad_variants, out[1:]))
     a = adv[idx]
 
@@ -361,9 +469,7 @@ def _forward(
         dependency=fixed_rows(fixed.variant_kl, "mask"),
     )
     if cppo:
-        rows = (
-            torch.nonzero(a > 0).squeeze(-1) if req.cppo_positive_only else torch.arange(len(idx))
-        )
+        rows = _cppo_rows(a, req)
         T = sub.response_mask.shape[1]
         if rows.numel() > 0:
             pos, neg = score(
@@ -375,7 +481,18 @@ def _forward(
             )
             x.logp_pos, x.logp_neg, x.entropy_neg = pos.logp, neg.logp, neg.entropy
         else:
+            # No row carries the contrastive loss here, but a wrapped model's forward holds
+            # collectives (DDP buffer broadcasts, FSDP2 / ZeRO-3 gathers) that every rank must
+            # run alike: score one row anyway and add it to the loss with weight 0.
+            pos, neg = score(
+                model,
+                sub.select(torch.zeros(1, dtype=torch.long)),
+                [variants["pos"], variants["neg"]],
+                **kw,
+            )
+            anchor = 0.0 * (pos.logp.sum() + neg.logp.sum())
             empty = orig.logp.new_zeros(0, T)
             x.logp_pos, x.logp_neg, x.entropy_neg = empty, empty, empty
         x.cppo_rows = rows
-    return x
+        x.cppo_selected = selected
+    return x, anchor
