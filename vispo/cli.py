@@ -26,7 +26,18 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("config", nargs="?", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the run's last checkpoint"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue the run in train.out_dir from its newest good checkpoint, or from "
+        "CHECKPOINT (a checkpoint folder, or a step number of the run)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in train.out_dir (checkpoints, metrics, ...) first",
     )
     parser.add_argument("-h", "--help", action="store_true", help="list every config field")
     args = parser.parse_args(argv)
@@ -36,6 +47,13 @@ def _train(argv: list[str]) -> int:
         print(help_text())
         return 0
     config, overrides = args.config, list(args.overrides)
+    resume = args.resume
+    if isinstance(resume, str) and not _names_checkpoint(resume):
+        # `--resume cfg.yaml` or `--resume a.b=c`: a flag followed by the usual arguments.
+        overrides = [x for x in (config, *overrides) if x is not None]
+        config, resume = resume, True
+        if overrides and "=" not in overrides[0] and "=" in config:
+            config, overrides = overrides[0], [config, *overrides[1:]]
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
@@ -48,7 +66,14 @@ def _train(argv: list[str]) -> int:
         return 2
     from vispo.train.run import run_training
 
-    return run_training(cfg, resume=args.resume)
+    return run_training(cfg, resume=resume, overwrite=args.overwrite)
+
+
+def _names_checkpoint(value: str) -> bool:
+    """``--resume VALUE``: a step number or a folder (a checkpoint), not a config or override."""
+    if value.isdigit() or Path(value).is_dir():
+        return True
+    return "=" not in value and not value.endswith((".yaml", ".yml"))
 
 
 def default_config_path() -> Path:

@@ -23,11 +23,11 @@ CURVES = (
 )
 
 
-def run_training(cfg: Config, *, resume: bool = False) -> int:
+def run_training(cfg: Config, *, resume: bool | str = False, overwrite: bool = False) -> int:
     console = Console()
     start = time.perf_counter()
     try:
-        trainer = Trainer(cfg, resume=resume, console=console)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, console=console)
         trainer.train()
     except TrainingStopped as e:
         console.print(f"[bold red]stopped:[/] {e}")
