@@ -603,7 +603,13 @@ class Trainer:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, dist=self.dist)
         self.rollout_backend.sync_weights(self.model)
         self.step_count = self._last_saved = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:  # the data or its batching changed since the checkpoint
+            raise RF.RunFolderError(
+                f"--resume from {path}: {e} (data.*, data.limit or train.prompts_per_step "
+                "changed); resume with the run's own settings, or start a new run"
+            ) from None
         self.guard.load_state_dict(state["guard"])
         self.updates = UpdateState(**state["updates"])
         self.eval_results = state.get("eval", {})
