@@ -226,29 +226,31 @@ def test_resume_without_a_usable_checkpoint_leaves_the_folder_as_it_was(
                 text,
             )
         )
-    # A run killed before its first checkpoint was due: --resume starts over, and the old
-    # metrics.jsonl is kept byte for byte under another name.
-    run = _copy(base, tmp_path / "early")
-    shutil.rmtree(run / "checkpoints")
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (run / "metrics.jsonl").write_text("".join(lines[:2]))  # it got to step 2 of 6
-    old = (run / "metrics.jsonl").read_bytes()
-    longer = ["train.steps=6", "train.save_every=3"]
-    code, text = _train(capsys, *_args(run, *longer), "--resume")
+    # A run killed before its first checkpoint was due (save_every=3), or while writing it
+    # (save_every=2: step 2 is logged before its checkpoint is written): --resume starts over,
+    # and the old metrics.jsonl is kept byte for byte under another name.
     reference = tmp_path / "reference"
-    assert main(["train", *_args(reference, *longer)]) == 0
-    kept = run / "metrics.before-restart-1.jsonl"
-    rows.append(
-        (
-            "killed before its first checkpoint",
-            code == 0
-            and "no checkpoint in" in text
-            and kept.is_file()
-            and kept.read_bytes() == old
-            and max_metric_diff(read_metrics(reference), read_metrics(run)) == 0.0,
-            text,
+    assert main(["train", *_args(reference, "train.steps=6")]) == 0
+    for every in (3, 2):
+        run = _copy(base, tmp_path / f"early-{every}")
+        shutil.rmtree(run / "checkpoints")
+        lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (run / "metrics.jsonl").write_text("".join(lines[:2]))  # it got to step 2 of 6
+        old = (run / "metrics.jsonl").read_bytes()
+        longer = ["train.steps=6", f"train.save_every={every}"]
+        code, text = _train(capsys, *_args(run, *longer), "--resume")
+        kept = run / "metrics.before-restart-1.jsonl"
+        rows.append(
+            (
+                f"stopped at step 2, first checkpoint due at {every}",
+                code == 0
+                and "no checkpoint in" in text
+                and kept.is_file()
+                and kept.read_bytes() == old
+                and max_metric_diff(read_metrics(reference), read_metrics(run)) == 0.0,
+                text,
+            )
         )
-    )
     fault_table(
         "run folder",
         "--resume with no usable checkpoint",

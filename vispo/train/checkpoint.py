@@ -326,11 +326,9 @@ def verify_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def read_weights(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
-    """``(weights, state)`` of a checkpoint, checked: files against their sha256 (``verify``)
-    and every floating weight finite. ``state["weights"]`` is ``"trainable"`` when only the
-    trainable (LoRA) weights are stored, else ``"full"``."""
-    path = Path(path)
+def _read_checked(path: Path, *, verify: bool) -> tuple[dict, dict]:
+    """``(weights, state)``: files checked against their sha256 (``verify``), every floating
+    weight finite; ``state["weights"]`` is ``"trainable"`` (LoRA adapters only) or ``"full"``."""
     state = verify_checkpoint(path) if verify else json.loads((path / "state.json").read_text())
     try:
         weights = load_file(str(path / "weights.safetensors"))
@@ -341,6 +339,14 @@ def read_weights(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
         raise _corrupt(path, f"weight {bad!r} holds NaN or inf")
     state.setdefault("weights", "full")
     return weights, state
+
+
+def read_weights(path: str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The policy weights of checkpoint folder ``path`` (what ``vispo export`` and ``vispo
+    eval`` load), checked: every file against its recorded sha256 and every weight finite.
+    Raises :class:`CheckpointCorrupt` (a :class:`CheckpointError`) naming the folder and the
+    file when they fail. A LoRA run's checkpoint holds only the trainable weights."""
+    return _read_checked(Path(path), verify=verify)[0]
 
 
 def _check_keys(path: Path, model, weights: dict, kind: str) -> None:
@@ -362,7 +368,7 @@ def load_model_weights(path: str | Path, model, *, verify: bool = True) -> dict:
     exactly the trainable weights over the model's own base weights. Returns ``state.json``.
     For ``vispo export`` / ``vispo eval``."""
     path = Path(path)
-    weights, state = read_weights(path, verify=verify)
+    weights, state = _read_checked(path, verify=verify)
     _check_keys(path, model, weights, state["weights"])
     try:
         model.load_state_dict(weights, strict=state["weights"] == "full")
@@ -384,7 +390,7 @@ def load_checkpoint(
     """
     d = dist or Dist()
     path = Path(path)
-    weights, state = read_weights(path, verify=verify)
+    weights, state = _read_checked(path, verify=verify)
     try:
         zero = ds.uses_zero(optimizer)  # DeepSpeed ZeRO: each rank keeps its partitions
         _check_keys(path, model, weights, state["weights"])

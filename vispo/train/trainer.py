@@ -251,7 +251,9 @@ class Trainer:
         logged = RF.last_logged_step(self.out)
         first_save = min(cfg.save_every or cfg.steps, cfg.steps)
         where = f"{self.out}/checkpoints"
-        if bad or logged < 0 or logged >= first_save:
+        # The checkpoint of step s is written after step s is logged and before step s+1 runs:
+        # a step logged after the first scheduled save means that checkpoint existed.
+        if bad or logged < 0 or logged > first_save:
             why = (
                 f"every checkpoint failed its checks ({len(bad)}; the newest: "
                 f"{RF.first_line(bad[0][1])})"
