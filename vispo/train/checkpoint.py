@@ -155,8 +155,11 @@ def _agree(d: Dist, ok: bool) -> bool:
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):  # 16 MiB at a time: big weight files never in memory
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _state_checksum(state: dict) -> str:
