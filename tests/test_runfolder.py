@@ -395,6 +395,11 @@ def test_train_cli_resume_takes_a_checkpoint_or_leaves_config_and_overrides_alon
         ([str(cfg_file), "--resume", "4"], "4", 0.002),
         (["--resume", str(ckpt), str(cfg_file)], str(ckpt), 0.002),
         (["--overwrite", "optim.lr=0.004"], False, 0.004),
+        (
+            ["--resume", str(tmp_path / "gone" / "step-000007")],
+            str(tmp_path / "gone" / "step-000007"),
+            3e-4,
+        ),
     ]
     for argv, resume, lr in cases:
         assert cli.main(["train", *argv]) == 0

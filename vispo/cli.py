@@ -70,10 +70,9 @@ def _train(argv: list[str]) -> int:
 
 
 def _names_checkpoint(value: str) -> bool:
-    """``--resume VALUE``: a step number or a folder (a checkpoint), not a config or override."""
-    if value.isdigit() or Path(value).is_dir():
-        return True
-    return "=" not in value and not value.endswith((".yaml", ".yml"))
+    """``--resume VALUE``: a step number, a folder, or a ``step-NNNNNN`` path names a
+    checkpoint; anything else (a config file or preset name, an override) is not one."""
+    return value.isdigit() or Path(value).is_dir() or Path(value).name.startswith("step-")
 
 
 def default_config_path() -> Path:
