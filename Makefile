@@ -50,7 +50,7 @@ lint: install
 
 # The main job: `vispo train` with no arguments = PAPO-G on easy-vqa from the shipped small VLM.
 demo: install
-	OMP_NUM_THREADS=$(THREADS) $(PY) -m vispo.cli train
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m vispo.cli train --overwrite
 
 # Rebuild the shipped small VLM (vispo/assets/vispo-tiny) from scratch, seeded.
 tiny-model: install

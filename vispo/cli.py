@@ -56,7 +56,8 @@ def _train(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="vispo train",
-        usage="vispo train [CONFIG] [section.field=value ...] [--resume] [-h]",
+        usage="vispo train [CONFIG] [section.field=value ...] [--resume [CHECKPOINT]] [--overwrite] "
+        "[-h]",
         description="Run RL on a VLM.",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,7 +70,18 @@ def _train(argv: list[str]) -> int:
         help="a config file or preset name, and overrides, in any order",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the run's last checkpoint"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue the run in train.out_dir from its newest good checkpoint, or from "
+        "CHECKPOINT (a checkpoint folder, or a step number of the run)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in train.out_dir (checkpoints, metrics, ...) first",
     )
     parser.add_argument(
         "-h", "--help", action="store_true", help="list every config field with its value"
@@ -78,8 +90,12 @@ def _train(argv: list[str]) -> int:
     bad = [u for u in unknown if u.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    resume, positional = args.resume, list(args.args)
+    if isinstance(resume, str) and not _names_checkpoint(resume):
+        # `--resume cppo` or `--resume a.b=c`: the flag followed by the usual arguments.
+        positional, resume = [resume, *positional], True
     try:
-        config, overrides = _split_train_args(list(args.args) + unknown)
+        config, overrides = _split_train_args(positional + unknown)
         cfg = build_config(config_tree(config, overrides))
     except (ConfigError, ValueError) as e:
         print(f"vispo train: invalid config: {e}", file=sys.stderr)
@@ -96,7 +112,13 @@ def _train(argv: list[str]) -> int:
         return 0
     from vispo.train.run import run_training
 
-    return run_training(cfg, resume=args.resume)
+    return run_training(cfg, resume=resume, overwrite=args.overwrite)
+
+
+def _names_checkpoint(value: str) -> bool:
+    """``--resume VALUE``: a step number, a folder, or a ``step-NNNNNN`` path names a
+    checkpoint; anything else (a config file or preset name, an override) is not one."""
+    return value.isdigit() or Path(value).is_dir() or Path(value).name.startswith("step-")
 
 
 def default_config_path() -> Path:

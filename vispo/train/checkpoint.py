@@ -9,7 +9,15 @@ A checkpoint folder ``step-000123/`` holds:
   Hugging Face folder.)
 - ``optimizer.safetensors`` + ``optimizer.json``: the full AdamW state, keyed by parameter name;
 - ``rng-rank{r}.safetensors`` + ``rng-rank{r}.json``: each rank's torch, Python, NumPy RNG states;
-- ``state.json``: step, data position, guard and update counters.
+- ``state.json``: step, data position, guard and update counters, and the sha256 of every
+  other file of the folder (``files``) plus one of its own content (``checksum``).
+
+A checkpoint is good or is not used: non-finite weights or optimizer state are never written;
+:func:`load_checkpoint` first checks every file against its recorded sha256 (and the weights
+for NaN/inf) and raises :class:`CheckpointCorrupt` before touching the model; the trainer then
+resumes from the newest checkpoint that passes (:func:`good_checkpoint`). Runs that train LoRA
+adapters store only the trainable weights (``state.json``: ``"weights": "trainable"``); the
+frozen base weights come from the model the run's config names.
 
 Everything is written into ``step-000123.tmp/`` and renamed at the end (``state.json`` last), so
 an interrupted write never leaves a half checkpoint under a valid name and the previous
@@ -18,6 +26,7 @@ checkpoint stays intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -50,6 +59,19 @@ _WRITE_ERRORS = (OSError, SafetensorError)
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which and why."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint's files do not match their recorded sha256, do not parse, or hold NaN/inf
+    weights; nothing was loaded from it."""
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint folder named ``step-000123``."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (step-NNNNNN)")
+    return int(m.group(1))
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -132,6 +154,37 @@ def _agree(d: Dist, ok: bool) -> bool:
     return int(d.all_reduce(torch.tensor([0 if ok else 1]))[0]) == 0
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MiB at a time: big weight files never in memory
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_checksum(state: dict) -> str:
+    """sha256 of ``state.json``'s content without its own ``checksum`` field."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _first_non_finite(named: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or inf, else None."""
+    for name, t in named.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def is_adapter_model(model) -> bool:
+    """A PEFT (LoRA) model: its checkpoints hold only the trainable weights."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -154,9 +207,24 @@ def save_checkpoint(
     else:
         weights = get_model_state_dict(model, options=_FULL)
         optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    # LoRA: the frozen base weights are the model's own; store the adapters only. (Under
+    # DeepSpeed ZeRO the full weights are kept: its loader sets every partition.)
+    kind = "trainable" if is_adapter_model(model) and not ds.uses_zero(optimizer) else "full"
+    if kind == "trainable":
+        keep = trainable_names(model)
+        weights = {k: v for k, v in weights.items() if k in keep}
     error: Exception | None = None
+    non_finite = None
+    if d.main:
+        bad = _first_non_finite(weights)
+        opt_bad = _first_non_finite(
+            {f"{p}{_SEP}{k}": v for p, st in optim["state"].items() for k, v in st.items()}
+        )
+        if bad is not None or opt_bad is not None:
+            what = f"weight {bad!r}" if bad is not None else f"optimizer state {opt_bad!r}"
+            non_finite = f"{what} holds NaN or inf"
     try:
-        if d.main:
+        if d.main and non_finite is None:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -167,18 +235,28 @@ def save_checkpoint(
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     except _WRITE_ERRORS as e:
         error = e
-    if _agree(d, error is None):
+    if _agree(d, error is None and non_finite is None):
         try:
             rng_meta, rng_tensors = _rng_files()
             save_file(rng_tensors, str(tmp / f"rng-rank{d.rank}.safetensors"))
             (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng_meta))
         except _WRITE_ERRORS as e:
             error = e
-    if _agree(d, error is None) and d.main:
+    if _agree(d, error is None and non_finite is None) and d.main:
         try:
-            # state.json last: its presence marks a complete checkpoint.
+            # state.json last: its presence marks a complete checkpoint. It records the sha256
+            # of every other file (read back from disk) and of its own content.
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            record = {
+                "step": step,
+                "world_size": d.world,
+                **state,
+                "weights": kind,
+                "files": files,
+            }
+            record["checksum"] = _state_checksum(record)
             with open(tmp / "state.json", "w") as f:
-                f.write(json.dumps({"step": step, "world_size": d.world, **state}))
+                f.write(json.dumps(record))
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():
@@ -186,10 +264,15 @@ def save_checkpoint(
             os.replace(tmp, final)
         except _WRITE_ERRORS as e:
             error = e
-    ok = _agree(d, error is None)
+    ok = _agree(d, error is None and non_finite is None)
     if not ok:
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if non_finite is not None:
+            raise CheckpointError(
+                f"refused to write checkpoint {final}: {non_finite}. The last good checkpoint "
+                f"({latest_checkpoint(run_dir) or 'none'}) is kept."
+            )
         cause = (
             f"{getattr(error, 'strerror', None) or error}"
             if error is not None
@@ -200,7 +283,10 @@ def save_checkpoint(
             f"({latest_checkpoint(run_dir) or 'none'}) is intact."
         ) from error
     if d.main:
-        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        # Rotation deletes only checkpoints older than the one just written and verified (its
+        # files hashed from disk, its tensors finite): never that one, never a newer folder.
+        older = [p for p in checkpoint_dirs(run_dir) if checkpoint_step(p) < step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             # state.json first: a deletion cut short leaves an incomplete folder that no
             # reader takes for a checkpoint, never a "complete" one with files missing.
             (old / "state.json").unlink(missing_ok=True)
@@ -209,19 +295,121 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = None) -> dict:
-    """Restore weights, optimizer and this rank's RNG states in place; returns ``state.json``."""
-    d = dist or Dist()
+def _corrupt(path: Path, why: str) -> CheckpointCorrupt:
+    return CheckpointCorrupt(f"checkpoint {path} is corrupt: {why}")
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """``state.json`` of a checkpoint whose files all match their recorded sha256.
+
+    Raises :class:`CheckpointCorrupt` naming the first file that is missing or whose bytes
+    changed since it was written. (Checkpoints written before checksums existed have no
+    ``files`` record: only their ``state.json`` is checked to parse.)
+    """
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"state.json is unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _corrupt(path, "state.json has no step")
+    if "checksum" in state and state["checksum"] != _state_checksum(state):
+        raise _corrupt(path, "state.json does not match its recorded sha256")
+    files = state.get("files", {})
+    if not isinstance(files, dict):
+        raise _corrupt(path, "state.json's file list is not a mapping")
+    for name, digest in files.items():
+        target = path / name
+        if "/" in name or name.startswith(".") or not target.is_file():
+            raise _corrupt(path, f"{name} is missing")
+        if _sha256(target) != digest:
+            raise _corrupt(
+                path, f"{name} does not match its recorded sha256 (its bytes changed on disk)"
+            )
+    return state
+
+
+def _read_checked(path: Path, *, verify: bool) -> tuple[dict, dict]:
+    """``(weights, state)``: files checked against their sha256 (``verify``), every floating
+    weight finite; ``state["weights"]`` is ``"trainable"`` (LoRA adapters only) or ``"full"``."""
+    state = verify_checkpoint(path) if verify else json.loads((path / "state.json").read_text())
+    try:
         weights = load_file(str(path / "weights.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise _corrupt(path, f"weights.safetensors does not load ({e})") from e
+    bad = _first_non_finite(weights)
+    if bad is not None:
+        raise _corrupt(path, f"weight {bad!r} holds NaN or inf")
+    state.setdefault("weights", "full")
+    return weights, state
+
+
+def read_weights(path: str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The policy weights of checkpoint folder ``path`` (what ``vispo export`` and ``vispo
+    eval`` load), checked: every file against its recorded sha256 and every weight finite.
+    Raises :class:`CheckpointCorrupt` (a :class:`CheckpointError`) naming the folder and the
+    file when they fail. A LoRA run's checkpoint holds only the trainable weights."""
+    return _read_checked(Path(path), verify=verify)[0]
+
+
+def _check_keys(path: Path, model, weights: dict, kind: str) -> None:
+    """A trainable-only checkpoint must hold exactly the model's trainable weights."""
+    if kind != "trainable":
+        return
+    expected = trainable_names(model)
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: adapter weights do not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it written by another model config?"
+        )
+
+
+def load_model_weights(path: str | Path, model, *, verify: bool = True) -> dict:
+    """Load a checkpoint's weights into a plain (single-process) model, checked as in
+    :func:`read_weights`: strictly for full checkpoints, and for trainable-only (LoRA) ones
+    exactly the trainable weights over the model's own base weights. Returns ``state.json``.
+    For ``vispo export`` / ``vispo eval``."""
+    path = Path(path)
+    weights, state = _read_checked(path, verify=verify)
+    _check_keys(path, model, weights, state["weights"])
+    try:
+        model.load_state_dict(weights, strict=state["weights"] == "full")
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not match the model ({e}); was it written by another model config?"
+        ) from None
+    return state
+
+
+def load_checkpoint(
+    path: str | Path, *, model, optimizer, dist: Dist | None = None, verify: bool = True
+) -> dict:
+    """Restore weights, optimizer and this rank's RNG states in place; returns ``state.json``.
+
+    Every file is checked against its recorded sha256 (``verify``) and the weights for NaN/inf
+    before anything is loaded: a failed check raises :class:`CheckpointCorrupt` with the model
+    untouched. Every rank checks the same files, so all ranks reach the same verdict.
+    """
+    d = dist or Dist()
+    path = Path(path)
+    weights, state = _read_checked(path, verify=verify)
+    try:
         zero = ds.uses_zero(optimizer)  # DeepSpeed ZeRO: each rank keeps its partitions
+        _check_keys(path, model, weights, state["weights"])
+        if zero and state["weights"] != "full":
+            raise CheckpointError(f"{path}: holds adapter weights only; DeepSpeed needs full ones")
         try:
             if zero:
                 ds.set_full_weights(model, optimizer, weights)
             else:
-                set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(
+                    model,
+                    weights,
+                    options=StateDictOptions(
+                        full_state_dict=True, strict=state["weights"] == "full"
+                    ),
+                )
         except RuntimeError as e:
             raise CheckpointError(
                 f"{path}: weights do not match the model ({e}); was it written by another "
@@ -248,11 +436,13 @@ def load_checkpoint(path: str | Path, *, model, optimizer, dist: Dist | None = N
     return state
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The policy weights of checkpoint folder ``path`` (what ``vispo export`` and ``vispo
-    eval`` load); raises :class:`CheckpointError` naming the folder when they cannot be read."""
-    path = Path(path)
-    try:
-        return load_file(str(path / "weights.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename a checkpoint folder to ``step-NNNNNN.<suffix>`` (a name no reader, resume or
+    rotation takes for a checkpoint), keeping its files for inspection."""
+    target = path.with_name(f"{path.name}.{suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{suffix}-{n}")
+    os.replace(path, target)
+    return target

@@ -273,6 +273,11 @@ class Config:
             if not cond:
                 raise ConfigError(f"{name}: {msg}")
 
+        # Every number finite: an infinite learning rate, timeout or weight passes every `>`
+        # check below and then NaNs the weights or hangs the run.
+        for name, value in _numbers(self):
+            need(math.isfinite(value), name, f"must be a finite number, got {value}")
+
         need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
         need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         need(r.n >= 2, "rollout.n", f"group-relative advantages need n >= 2, got {r.n}")
@@ -315,6 +320,7 @@ class Config:
             need(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
         need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", "must be >= 1")
         need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+        need(r.temperature <= 100, "rollout.temperature", f"must be <= 100, got {r.temperature}")
         need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         need(
@@ -328,12 +334,21 @@ class Config:
             "must be in [0, max_new_tokens]",
         )
         need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(o.lr <= 1, "optim.lr", f"must be <= 1 (AdamW), got {o.lr}")
+        need(
+            0 <= o.weight_decay <= 1,
+            "optim.weight_decay",
+            f"must be in [0, 1], got {o.weight_decay}",
+        )
         need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         need(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
         need(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
         need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        need(o.vision_lr_scale >= 0, "optim.vision_lr_scale", "must be >= 0")
+        need(
+            0 <= o.vision_lr_scale <= 1000,
+            "optim.vision_lr_scale",
+            f"must be in [0, 1000], got {o.vision_lr_scale}",
+        )
         need(
             o.schedule in ("constant", "linear", "cosine"),
             "optim.schedule",
@@ -355,7 +370,14 @@ class Config:
         need(bool(self.data.name.strip()), "data.name", "must not be empty")
         need(bool(self.model.name_or_path.strip()), "model.name_or_path", "must not be empty")
         need(t.threads is None or t.threads >= 0, "train.threads", "must be >= 0")
-        need(self.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        rt = self.reward.timeout_s
+        need(rt > 0, "reward.timeout_s", "must be > 0")
+        need(rt <= 86400, "reward.timeout_s", f"must be <= 86400 (one day), got {rt}")
+        need(
+            self.reward.overlong_penalty >= 0,
+            "reward.overlong_penalty",
+            f"must be >= 0, got {self.reward.overlong_penalty}",
+        )
         need(
             not self.reward.weights or len(self.reward.weights) == len(self.reward.funcs),
             "reward.weights",
@@ -388,12 +410,30 @@ class Config:
             f"must be warn, halve_gamma or stop, got {self.guard.action!r}",
         )
         need(self.guard.window >= 2, "guard.window", "must be >= 2")
+        need(self.guard.z_threshold > 0, "guard.z_threshold", "must be > 0")
         need(1 <= self.guard.min_signals <= 4, "guard.min_signals", "must be in 1..4")
         if self.objective.agg == "seq-mean-token-sum-norm" and self.objective.horizon is None:
             # Dr. GRPO's normaliser is a constant (verl: the configured max response length),
             # not the longest response of the step.
             self.objective.horizon = r.max_new_tokens
         return self
+
+
+def _numbers(cfg: Config):
+    """``(dotted name, value)`` of every float in the config, nested mappings included
+    (``objective.extra_terms``)."""
+
+    def walk(value, name):
+        if isinstance(value, float):
+            yield name, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{name}.{k}")
+
+    for section in fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in fields(obj):
+            yield from walk(getattr(obj, f.name), f"{section.name}.{f.name}")
 
 
 # --- loading -------------------------------------------------------------------------------

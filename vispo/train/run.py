@@ -15,11 +15,11 @@ from vispo.train.config import Config, ConfigError
 from vispo.train.trainer import Trainer, TrainingStopped
 
 
-def run_training(cfg: Config, *, resume: bool = False) -> int:
+def run_training(cfg: Config, *, resume: bool | str = False, overwrite: bool = False) -> int:
     console = Console()
     start = time.perf_counter()
     try:
-        trainer = Trainer(cfg, resume=resume, console=console)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, console=console)
         trainer.train()
     except TrainingStopped as e:
         console.print(f"[bold red]stopped:[/] {e}")

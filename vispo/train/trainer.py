@@ -13,8 +13,10 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import random
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,15 @@ from vispo.models.scoring import encode_prompts
 from vispo.rewards import reward_columns
 from vispo.rollout import concat_rollouts, load_backend
 from vispo.train import batch as B
-from vispo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vispo.train import runfolder as RF
+from vispo.train.checkpoint import (
+    CheckpointCorrupt,
+    checkpoint_dirs,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from vispo.train.config import Config, ConfigError, config_to_dict
 from vispo.train.deepspeed import gathered
 from vispo.train.dist import (
@@ -63,7 +73,8 @@ class Trainer:
         self,
         cfg: Config,
         *,
-        resume: bool = False,
+        resume: bool | str | Path = False,
+        overwrite: bool = False,
         model=None,
         processor=None,
         train_data=None,
@@ -82,6 +93,7 @@ class Trainer:
                 f"train.prompts_per_step: {cfg.train.prompts_per_step} must be divisible by the "
                 f"number of ranks ({self.dist.world}): each rank rolls out whole groups"
             )
+        self._claim_run_folder(resume, overwrite)  # before any model is loaded
         self._seed(cfg.train.seed)
         self.req = requirements(cfg.objective)
         self.autocast = torch.bfloat16 if cfg.train.autocast == "bf16" else None
@@ -146,11 +158,7 @@ class Trainer:
         self.history: list[dict] = []
         self.eval_results: dict[str, float] = {}
 
-        resume_from = latest_checkpoint(self.out) if resume else None
-        if resume and resume_from is None:
-            self.log(f"no checkpoint in {self.out}/checkpoints: starting from scratch")
-        if resume_from is not None:
-            self._restore(resume_from)
+        resume_from = self._resume(resume) if resume is not False else None
         self.metrics_log = None
         if self.dist.main:  # rank 0 writes the run folder's logs
             self.out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +171,125 @@ class Trainer:
                 wandb_project=cfg.logging.wandb_project,
                 config=config_to_dict(cfg),
             )
+
+    # --- the run folder ------------------------------------------------------------------
+
+    def _claim_run_folder(self, resume, overwrite: bool) -> None:
+        """Rank 0 locks the run folder; a new run refuses a folder that holds another run
+        unless ``overwrite`` (which deletes it first). Every rank learns the verdict."""
+        self._lock = None
+        problem = None
+        if self.dist.main:
+            try:
+                if resume is not False and overwrite:
+                    raise RF.RunFolderError("--resume and --overwrite exclude each other")
+                self._lock = RF.lock_run_folder(self.out)
+                weakref.finalize(self, self._lock.release)
+                named = (
+                    None if isinstance(resume, bool) else RF.resolve_checkpoint(self.out, resume)
+                )
+                if resume is False or (named is not None and not RF.belongs_to(named, self.out)):
+                    if overwrite and RF.run_contents(self.out):
+                        removed = RF.clear_run_folder(self.out)
+                        self.log(
+                            f"--overwrite: deleted the old run in {self.out} ({len(removed)} entries)"
+                        )
+                    RF.refuse_reuse(self.out)
+            except RF.RunFolderError as e:
+                problem = e
+        if not RF.agree(self.dist, problem is None):
+            self.release_run_folder()
+            raise problem or RF.RunFolderError("rank 0 could not take the run folder")
+
+    def release_run_folder(self) -> None:
+        """Let other trainings use the run folder (also done at the end of :meth:`train`)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+
+    def _resume(self, resume) -> Path | None:
+        """Restore the named checkpoint, or the newest one that passes its checks (saying which
+        failed). Without one: start from scratch if the run never got as far as a checkpoint,
+        else refuse, leaving metrics.jsonl as it is. Records the resume in resumes.jsonl."""
+        named = None if isinstance(resume, bool) else RF.resolve_checkpoint(self.out, resume)
+        candidates = [named] if named is not None else list(reversed(checkpoint_dirs(self.out)))
+        old_cfg = RF.previous_config(named.parent.parent if named is not None else self.out)
+        bad: list[tuple[Path, str]] = []
+        chosen = None
+        for path in candidates:
+            try:
+                self._restore(path)
+            except CheckpointCorrupt as e:
+                if named is not None:
+                    raise
+                bad.append((path, str(e)))
+                self.log(f"resume: skipping {RF.first_line(str(e))}")
+                continue
+            chosen = path
+            break
+        if chosen is None:
+            self._start_over(bad)
+        set_aside_now = []
+        if self.dist.main:
+            mine = chosen is None or RF.belongs_to(chosen, self.out)
+            newer = [
+                p
+                for p in checkpoint_dirs(self.out)
+                if mine and (chosen is None or checkpoint_step(p) > self.step_count)
+            ]
+            bad_paths = {p for p, _ in bad}
+            if newer or bad:
+                kept = RF.keep_metrics(self.out, "before-resume", move=False)
+                if kept is not None:
+                    self.log(f"resume: metrics.jsonl as it was is kept in {kept}")
+            for p in sorted(set(newer) | bad_paths):
+                if p.exists():
+                    suffix = "corrupt" if p in bad_paths else "abandoned"
+                    set_aside_now.append(str(set_aside(p, suffix)))
+                    self.log(f"resume: set {p.name} aside as {Path(set_aside_now[-1]).name}")
+            changes = (
+                None if old_cfg is None else RF.config_changes(old_cfg, config_to_dict(self.cfg))
+            )
+            self.log(f"resume: {RF.describe_changes(changes)} (recorded in {RF.RESUMES})")
+            RF.record_resume(
+                self.out,
+                {
+                    "from": None if chosen is None else str(chosen),
+                    "step": self.step_count,
+                    "changed": changes,
+                    "skipped": [{"checkpoint": str(p), "reason": r} for p, r in bad],
+                    "set_aside": set_aside_now,
+                    "pid": os.getpid(),
+                },
+            )
+        self.dist.barrier()
+        return chosen
+
+    def _start_over(self, bad: list[tuple[Path, str]]) -> None:
+        """``--resume`` found no usable checkpoint."""
+        cfg = self.cfg.train
+        logged = RF.last_logged_step(self.out)
+        first_save = min(cfg.save_every or cfg.steps, cfg.steps)
+        where = f"{self.out}/checkpoints"
+        # The checkpoint of step s is written after step s is logged and before step s+1 runs:
+        # a step logged after the first scheduled save means that checkpoint existed.
+        if bad or logged < 0 or logged > first_save:
+            why = (
+                f"every checkpoint failed its checks ({len(bad)}; the newest: "
+                f"{RF.first_line(bad[0][1])})"
+                if bad
+                else "no complete checkpoint"
+            )
+            raise RF.RunFolderError(
+                f"--resume: {where}: {why}, but metrics.jsonl records "
+                f"{'unreadable steps' if logged < 0 else f'steps up to {logged}'}, so a "
+                "checkpoint should exist; nothing was changed. Start the run again with "
+                "--overwrite, or train into another train.out_dir"
+            )
+        self.log(f"no checkpoint in {where}: starting from scratch")
+        if self.dist.main and (self.out / RF.METRICS).is_file():
+            if (self.out / RF.METRICS).stat().st_size > 0:
+                kept = RF.keep_metrics(self.out, "before-restart", move=True)
+                self.log(f"resume: the {logged} step(s) logged before are kept in {kept}")
 
     # --- setup helpers -------------------------------------------------------------------
 
@@ -495,6 +622,7 @@ class Trainer:
             self.save()
         if self.metrics_log is not None:
             self.metrics_log.close()
+        self.release_run_folder()
         return run
 
     def _after_step(self, metrics: dict[str, float]) -> None:
@@ -597,7 +725,13 @@ class Trainer:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, dist=self.dist)
         self.rollout_backend.sync_weights(self.model)
         self.step_count = self._last_saved = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:  # the data or its batching changed since the checkpoint
+            raise RF.RunFolderError(
+                f"--resume from {path}: {e} (data.*, data.limit or train.prompts_per_step "
+                "changed); resume with the run's own settings, or start a new run"
+            ) from None
         self.guard.load_state_dict(state["guard"])
         self.updates = UpdateState(**state["updates"])
         self.eval_results = state.get("eval", {})
