@@ -368,9 +368,11 @@ class Trainer:
         checkpoint, stops the reward workers and raises :class:`TrainingInterrupted`; a second
         signal exits at once (:mod:`vispo.train.stopping`)."""
         self._stop = GracefulStop(can_abandon=self.dist.world == 1, on_second=self._kill_rewards)
-        with self._stop:
-            run = self._train()
-        return run
+        try:
+            with self._stop:
+                return self._train()
+        finally:
+            self._stop = NO_STOP
 
     def _train(self) -> list[dict]:
         from vispo.train.progress import StepProgress
