@@ -245,7 +245,8 @@ def test_sigterm_sigint_at_6_moments_then_resume(tmp_path, fault_table):
         len(graceful),
         len([s for s in graceful if ok(s)]),
         lost=f"max {max(s['lost'] for s in graceful)} finished steps (save_every {SAVE_EVERY}); "
-        f"{sum(len(s['orphans']) for s in stops)} orphan processes",
+        f"{sum(len(s['orphans']) for s in stops)} orphans of "
+        f"{sum(s['workers_seen'] for s in stops)} processes started",
         detail=f"exit 75 within {max(s['latency'] for s in graceful):.1f} s; phases "
         + ", ".join(sorted({s["phase"] for s in graceful})),
     )
