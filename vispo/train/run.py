@@ -22,7 +22,7 @@ from rich.text import Text
 from vispo.data import DataError
 from vispo.train.checkpoint import CheckpointError
 from vispo.train.config import Config, ConfigError
-from vispo.train.setup import preflight
+from vispo.train.setup import clear_preloaded, preflight
 from vispo.train.stopping import EXIT_INTERRUPTED, TrainingInterrupted
 from vispo.train.trainer import Trainer, TrainingStopped
 
@@ -65,6 +65,7 @@ def run_training(cfg: Config, *, resume: bool = False) -> int:
         _one_line(errors, "error", e)
         return 2
     finally:
+        clear_preloaded()
         if trainer is not None:
             trainer.close()  # reward workers (and their children) end with the run
     wall = time.perf_counter() - start

@@ -61,6 +61,11 @@ def _split_key(dcfg, split: str, limit) -> tuple:
 _PRELOADED: dict[tuple, object] = {}
 
 
+def clear_preloaded() -> None:
+    """Drop what :func:`preflight` loaded and no trainer took (the run ended before)."""
+    _PRELOADED.clear()
+
+
 def load_split(dcfg, split: str, limit):
     """Samples of ``split`` from a built-in data set or a local source (``data.*`` fields)."""
     preloaded = _PRELOADED.pop(_split_key(dcfg, split, limit), None)
