@@ -52,7 +52,8 @@ def parity(completions, answers, **columns):
 """
 
 # (signal, how): ("hold", phase) waits in that phase; ("mark", phase) signals on entering it;
-# ("delay", None) a seeded random moment after the first rollout; "double": two SIGTERMs.
+# ("delay", None) a seeded random moment (0-0.15 s after the process's 1st or 2nd rollout
+# starts, so that every process has steps left to interrupt); "double": two SIGTERMs.
 PLAN = [
     ("SIGTERM", "hold", "rollout"),
     ("SIGTERM", "hold", "reward"),
@@ -177,9 +178,10 @@ def test_sigterm_sigint_at_6_moments_then_resume(tmp_path, fault_table):
             reached = _wait_for(proc, marks, lambda ls: any(x.startswith("HOLD ") for x in ls))
         elif how == "mark":
             reached = _wait_for(proc, marks, lambda ls, p=phase: any(x.startswith(p) for x in ls))
-        else:
-            reached = _wait_for(proc, marks, lambda ls: any(x.startswith("rollout") for x in ls))
-            time.sleep(rng.uniform(0.0, 0.5))
+        else:  # a random moment within the process's first 2-3 steps (bounded progress)
+            nth = f"rollout {rng.randint(1, 2)} "
+            reached = _wait_for(proc, marks, lambda ls, m=nth: any(x.startswith(m) for x in ls))
+            time.sleep(rng.uniform(0.0, 0.15))
         assert reached and proc.poll() is None, log.read_text()[-3000:]
         procs = descendants(proc.pid)
         landed = _marks(marks)[-1].split(" ", 1)[0] if _marks(marks) else "startup"
