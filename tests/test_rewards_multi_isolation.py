@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vispo.rewards import MultiReward, RewardRunner
 
-SOURCE = '''
+SOURCE = """
 import os
 
 if os.environ.get("VISPO_TEST_WHERE") == "trainer":
@@ -13,7 +13,7 @@ if os.environ.get("VISPO_TEST_WHERE") == "trainer":
 
 def length_bonus(completions, answers, **columns):
     return [0.5 if len(c) > 3 else 0.0 for c in completions]
-'''
+"""
 
 
 def test_a_reward_file_in_reward_funcs_runs_only_in_the_worker(tmp_path, monkeypatch):

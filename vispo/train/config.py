@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -439,6 +440,41 @@ def _numbers(cfg: Config):
 # --- loading -------------------------------------------------------------------------------
 
 
+#: A config of more values than this, counted with YAML aliases expanded, is refused: a real
+#: config has a few hundred, while an "alias bomb" (a few lines, billions of values once
+#: expanded) would exhaust memory in anything that walks or prints it.
+MAX_CONFIG_VALUES = 100_000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: repr, bounded in depth, width and length."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _check_size(tree: Any, where: str) -> None:
+    """Refuse a tree of more than MAX_CONFIG_VALUES values (aliases expanded, cycles included);
+    visits at most that many nodes."""
+    stack, seen = [tree], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded "
+                "(an alias bomb?); refused"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend(node)
+
+
 def _type_of(cls, name: str):
     return typing.get_type_hints(cls)[name]
 
@@ -458,32 +494,32 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, bool) or not isinstance(value, (float, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         try:
             as_float = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}") from None
         if not math.isfinite(as_float) or as_float != int(as_float):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         return int(as_float)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         try:
             number = float(value)
         except (ValueError, OverflowError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
         if math.isnan(number):  # NaN never means anything in a config and passes every `<`
             raise ConfigError(f"{where}: expected a number, got NaN")
         return number
     if tp is str:
         if value is None or isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return str(value)
     if origin is list:
         if isinstance(value, str):
@@ -506,16 +542,16 @@ def _coerce(value: Any, tp, where: str) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
-                raise ConfigError(f"{where}: expected a mapping, got {value!r}") from None
+                raise ConfigError(f"{where}: expected a mapping, got {_show(value)}") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
         key_type, value_type = (args + (Any, Any))[:2]
         for k, v in value.items():
             if key_type is str and not isinstance(k, str):
-                raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+                raise ConfigError(f"{where}: keys must be strings, got {_show(k)}")
             if value_type in (str, dict) and not isinstance(v, value_type):
                 kind = "a string" if value_type is str else "a mapping"
-                raise ConfigError(f"{where}[{k!r}]: expected {kind}, got {v!r}")
+                raise ConfigError(f"{where}[{_show(k)}]: expected {kind}, got {_show(v)}")
         return dict(value)
     return value
 
@@ -552,15 +588,16 @@ SECTIONS = {f.name: f for f in fields(Config)}
 
 def build_config(tree: dict | None = None) -> Config:
     """A validated Config from a nested dict (YAML layout)."""
+    _check_size(tree, "config")
     tree = dict(tree or {})
     sections = {}
     for name, values in tree.items():
         if name not in SECTIONS:
-            raise ConfigError(f"unknown config section {name!r}{_suggest(name, SECTIONS)}")
+            raise ConfigError(f"unknown config section {_show(name)}{_suggest(name, SECTIONS)}")
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping of fields, got {values!r}")
+            raise ConfigError(f"{name}: expected a mapping of fields, got {_show(values)}")
         sections[name] = values
     try:
         objective_values = dict(sections.pop("objective", {}))
@@ -568,7 +605,7 @@ def build_config(tree: dict | None = None) -> Config:
         preset = objective_values.pop("name", "grpo")
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(
-                f"objective.name: unknown preset {preset!r}{_suggest(preset, PRESETS)}"
+                f"objective.name: unknown preset {_show(preset)}{_suggest(preset, PRESETS)}"
             )
         objective = objective_preset(
             preset, **_section(ObjectiveConfig, objective_values, "objective.")
@@ -606,15 +643,16 @@ def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
+            raise ConfigError(f"override {_show(item)} must look like section.field=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) < 2 or not all(p.strip() for p in parts):
-            raise ConfigError(f"override {item!r} must name section.field")
+            raise ConfigError(f"override {_show(item)} must name section.field")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:  # e.g. a Jinja template: the text itself is the value
             value = raw
+        _check_size(value, key.strip())
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -640,6 +678,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(p.read_text())  # safe_load: a config never runs code
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to be a config") from None
+        _check_size(loaded, str(p))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -1,4 +1,10 @@
-"""Run logging: JSONL every step (the record), optional TensorBoard / W&B, HTML sample pages."""
+"""Run logging: JSONL every step (the record), optional TensorBoard / W&B, HTML sample pages.
+
+``metrics.jsonl`` is strict JSON, one object per line. JSON has no NaN or infinity, so a
+non-finite metric (a step skipped for a NaN loss logs a NaN ``loss`` and ``grad_norm``) is
+written as the string ``"nan"``, ``"inf"`` or ``"-inf"``; :func:`read_metrics` turns these
+three strings back into floats, so readers get numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import html
 import io
 import json
 import math
+import numbers
 from pathlib import Path
 
 from PIL import Image
@@ -38,22 +45,21 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError(
-                    "logging.tensorboard=true needs `pip install tensorboard`"
-                ) from e
+            except ImportError:
+                raise _missing("tensorboard") from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if wandb:
             try:
                 import wandb as wb
-            except ImportError as e:
-                raise RuntimeError("logging.wandb=true needs `pip install wandb`") from e
+            except ImportError:
+                raise _missing("wandb") from None
             self._wandb = wb.init(project=wandb_project, config=config, dir=str(run_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: _finite_or_str(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: encode_value(v) for k, v in metrics.items()}}
+        line = json.dumps(record, allow_nan=False)  # strict JSON: no NaN/Infinity literals
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -62,15 +68,45 @@ class MetricsLog:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        """Flush and close the optional sinks (idempotent)."""
+        tb, run, self._tb, self._wandb = self._tb, self._wandb, None, None
+        if tb is not None:
+            tb.close()
+        if run is not None:
+            run.finish()
 
 
-def _finite_or_str(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+def _missing(package: str):
+    from vispo.train.config import ConfigError
+    from vispo.train.setup import logging_package_message
+
+    return ConfigError(logging_package_message(package, package))
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_value(v):
+    """A metric value as strict JSON: non-finite numbers become "nan" / "inf" / "-inf", other
+    real numbers (NumPy and 0-d tensors included) plain floats/ints; containers recursively."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real) or (hasattr(v, "item") and getattr(v, "ndim", 1) == 0):
+        f = float(v)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(v, dict):
+        return {str(k): encode_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [encode_value(x) for x in v]
+    return v
+
+
+def decode_value(v):
+    """Inverse of :func:`encode_value` for the non-finite strings; anything else unchanged."""
+    if isinstance(v, str):
+        return _NON_FINITE.get(v, v)
     return v
 
 
@@ -92,7 +128,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [record for _, record in _records(path)]
+    return [{k: decode_value(v) for k, v in record.items()} for _, record in _records(path)]
 
 
 def image_data_uri(image: Image.Image, max_side: int = 256) -> str:

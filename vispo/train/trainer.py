@@ -34,6 +34,7 @@ from vispo.train.checkpoint import (
     CheckpointCorrupt,
     checkpoint_dirs,
     checkpoint_step,
+    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     set_aside,
@@ -51,6 +52,17 @@ from vispo.train.guard import CollapseGuard
 from vispo.train.logging import MetricsLog, write_samples_page
 from vispo.train.optim import build_optimizer
 from vispo.train.setup import load_eval_data, load_model, load_reward, load_train_data
+from vispo.train.stopping import (
+    NO_STOP,
+    GracefulStop,
+    StepAbandoned,
+    TrainingInterrupted,
+    kill_tree,
+    process_tree,
+    signal_name,
+)
+from vispo.train.stopping import restore as restore_step_start
+from vispo.train.stopping import snapshot as snapshot_step_start
 from vispo.train.update import FixedScores, UpdateState, ppo_update, score_fixed
 
 
@@ -338,7 +350,8 @@ class Trainer:
         """rollout -> rewards -> advantages -> perturb -> score -> objective -> update."""
         cfg, t = self.cfg, {}
         t0 = time.perf_counter()
-        step, sampling = self._collect(t)  # rollout, rewards, advantages
+        with getattr(self, "_stop", NO_STOP).abandonable():  # a first SIGTERM/SIGINT abandons
+            step, sampling = self._collect(t)  # rollout, rewards, advantages
         B.draw_variants(
             step,
             self.processor,
@@ -592,22 +605,46 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
-        """Run the remaining steps; returns the metrics of the steps run now."""
+        """Run the remaining steps; returns the metrics of the steps run now.
+
+        On a first SIGTERM/SIGINT the run stops after (or abandons) the current step, writes a
+        checkpoint, stops the reward workers and raises :class:`TrainingInterrupted`; a second
+        signal exits at once (:mod:`vispo.train.stopping`)."""
+        self._stop = GracefulStop(can_abandon=self.dist.world == 1, on_second=self._kill_rewards)
+        try:
+            with self._stop:
+                return self._train()
+        finally:
+            self._stop = NO_STOP
+
+    def _train(self) -> list[dict]:
         from vispo.train.progress import StepProgress
 
-        cfg = self.cfg
+        cfg, stop = self.cfg, self._stop
         if self.step_count == 0 and self.eval_data is not None and cfg.data.eval_size > 0:
             self.eval_results["accuracy_before"] = self.evaluate()
             self.log(f"held-out accuracy before RL: {self.eval_results['accuracy_before']:.3f}")
         run: list[dict] = []
         progress = cfg.logging.progress and self.dist.main
+        stopping = False
         with StepProgress(cfg.train.steps, start=self.step_count, enabled=progress) as bar:
             while self.step_count < cfg.train.steps:
-                metrics = self.step()
+                if self._stop_agreed():
+                    stopping = True
+                    break
+                start = snapshot_step_start(self.sampler) if stop.can_abandon else None
+                try:
+                    metrics = self.step()
+                except StepAbandoned:  # nothing of the model changed: back to the step's start
+                    restore_step_start(self.sampler, start)
+                    stopping = True
+                    break
                 self.step_count += 1
                 self._after_step(metrics)
                 run.append({"step": self.step_count, **metrics})
                 bar.advance(metrics)
+        if stopping or self._stop_agreed():  # the final evaluation is skipped too
+            self._interrupted(stop.signum)
         if self.eval_data is not None and cfg.data.eval_size > 0:
             last = self.history[-1] if self.history else {}
             done = last.get("step") == self.step_count and "eval/accuracy" in last
@@ -624,6 +661,52 @@ class Trainer:
             self.metrics_log.close()
         self.release_run_folder()
         return run
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop was requested (under torchrun: on any rank, so all stop together)."""
+        if self.dist.world == 1:
+            return self._stop.requested
+        flag = torch.tensor([1.0 if self._stop.requested else 0.0])
+        return float(self.dist.all_reduce(flag)[0]) > 0
+
+    def _interrupted(self, signum: int | None) -> None:
+        """Checkpoint (unless the last finished step is saved already), stop the reward workers
+        and raise TrainingInterrupted."""
+        signum = signum if signum is not None else 15  # another rank was signalled
+        path = None
+        if self.step_count > 0 and self._last_saved != self.step_count:
+            path = self.save()
+        elif self.step_count > 0:
+            path = latest_checkpoint(self.out)
+        self.close()
+        name = signal_name(signum)
+        if path is not None:
+            where = f"checkpoint at {path} (step {self.step_count})"
+        else:
+            where = "no step had finished, nothing to save"
+        raise TrainingInterrupted(
+            f"{name}: stopped after step {self.step_count} of {self.cfg.train.steps}; {where}; "
+            "continue with the same command and --resume",
+            signum=signum,
+            step=self.step_count,
+            path=path,
+        )
+
+    def close(self) -> None:
+        """Stop the reward workers (and any processes they started) and close the logs.
+        Idempotent; the trainer cannot train afterwards."""
+        tree = process_tree(list(getattr(self.reward, "worker_pids", []) or []))
+        closer = getattr(self.reward, "close", None)
+        if callable(closer):
+            closer()
+        kill_tree(tree)
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        self.release_run_folder()
+
+    def _kill_rewards(self, signum: int) -> None:
+        """Second signal: kill the reward workers and their children at once (no waiting)."""
+        kill_tree(process_tree(list(getattr(self.reward, "worker_pids", []) or [])))
 
     def _after_step(self, metrics: dict[str, float]) -> None:
         cfg, step = self.cfg, self.step_count
