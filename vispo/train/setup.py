@@ -204,7 +204,7 @@ def held_out(dcfg, train=None):
         return None, None
     eval_name = getattr(dcfg, "eval_name", None)
     if eval_name:
-        source = DataSource(dcfg, eval_name)
+        source = dataclasses.replace(dcfg, name=eval_name)  # read like the training set
         data = load_split(source, dcfg.eval_split, dcfg.eval_size)
         data.description = f"{len(data)} questions of {eval_name} (split {dcfg.eval_split})"
         return data, None
@@ -235,16 +235,6 @@ def held_out(dcfg, train=None):
         f"(seed {HELD_OUT_SEED}), not trained on"
     )
     return data, keep
-
-
-class DataSource:
-    """``dcfg`` with another data set name (the held-out set is read like the training set)."""
-
-    def __init__(self, dcfg, name: str) -> None:
-        self._dcfg, self.name = dcfg, name
-
-    def __getattr__(self, field):
-        return getattr(self._dcfg, field)
 
 
 def load_eval_data(dcfg, train=None):
