@@ -58,7 +58,7 @@ class ScriptedReward:
             seen.add(s)
         return out
 
-    def __call__(self, texts, answers, *, sample_ids, question):
+    def __call__(self, texts, answers, *, sample_ids, **columns):
         return self.runner(texts, answers, sample_ids=sample_ids, sid=sample_ids)
 
 

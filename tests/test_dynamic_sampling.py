@@ -39,7 +39,7 @@ class ById:
         self.runner = RewardRunner(scripted_reward, num_workers=0)
         self.n_errors = 0
 
-    def __call__(self, texts, answers, *, sample_ids, question):
+    def __call__(self, texts, answers, *, sample_ids, **columns):
         return self.runner(texts, answers, sample_ids=sample_ids, sid=sample_ids)
 
 

@@ -251,7 +251,9 @@ def test_export_without_checkpoint_or_with_a_corrupt_one(tmp_path, capsys):
     weights.write_bytes(b"\xff" * 16 + weights.read_bytes()[16:])  # a broken header
     assert main(["export", str(run), str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: could not read checkpoint") and "step-000002" in err
+    # The checkpoint's recorded sha256 no longer matches: refused before reading the tensors.
+    assert err.startswith("error: checkpoint ") and "step-000002 is corrupt" in err
+    assert "weights.safetensors does not match its recorded sha256" in err
     assert "Traceback" not in err
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "z")]) == 2
     assert "not a vispo run folder" in capsys.readouterr().err
@@ -288,28 +290,23 @@ def test_lora_adapter_only_loads_with_peft_on_the_base_model(tmp_path, capsys):
     assert (a - c).abs().max() > 1e-4  # the adapter changes the model
     del processor
 
-    # A LoRA checkpoint that stores only the trainable weights exports the same model: the
-    # frozen base weights come from the rebuilt base model.
+    # The LoRA run's checkpoint stores only the trainable (adapter) weights; the frozen base
+    # weights of the merged export above came from the rebuilt base model.
+    stored = load_file(str(merged.checkpoint / "weights.safetensors"))
+    assert stored and all("lora_" in k for k in stored)
+    # A full-weights run whose checkpoint file was changed is refused, not silently loaded.
+    full_run = _train(tmp_path / "full", "tiny:qwen2_vl")
+    weights = (
+        tmp_path / "full" / "tiny-qwen2_vl" / "checkpoints" / "step-000002" / "weights.safetensors"
+    )
+    original = weights.read_bytes()
+    partial = load_file(str(weights))
     from safetensors.torch import save_file
 
-    ckpt = merged.checkpoint / "weights.safetensors"
-    stored = load_file(str(ckpt))
-    lora_only = {k: v for k, v in stored.items() if "lora_" in k}
-    assert 0 < len(lora_only) < len(stored)
-    save_file(lora_only, str(ckpt))
-    again = export_run(cfg.train.out_dir, tmp_path / "merged-again")
-    w_full = load_file(str(merged.path / "model.safetensors"))
-    w_again = load_file(str(again.path / "model.safetensors"))
-    assert sorted(w_full) == sorted(w_again)
-    assert all(torch.equal(w_full[k], w_again[k]) for k in w_full)
-    # ...but a full-weights run whose checkpoint lacks weights is an error, not a silent load.
-    full_run = _train(tmp_path / "full", "tiny:qwen2_vl")
-    full_ckpt = tmp_path / "full" / "tiny-qwen2_vl" / "checkpoints" / "step-000002"
-    partial = load_file(str(full_ckpt / "weights.safetensors"))
-    save_file(dict(list(partial.items())[1:]), str(full_ckpt / "weights.safetensors"))
+    save_file(dict(list(partial.items())[1:]), str(weights))
     assert main(["export", full_run.train.out_dir, str(tmp_path / "p")]) == 2
-    assert "weights do not match the run's model (missing" in capsys.readouterr().err
-    save_file(partial, str(full_ckpt / "weights.safetensors"))
+    assert "does not match its recorded sha256" in capsys.readouterr().err
+    weights.write_bytes(original)
     assert main(["export", full_run.train.out_dir, str(tmp_path / "a2"), "--adapter-only"]) == 2
     assert "needs a LoRA run (model.lora=true)" in capsys.readouterr().err
 
