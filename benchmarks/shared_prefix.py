@@ -61,7 +61,9 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def measure(image_tokens: int, prompts: int, group: int, length: int, args) -> dict:
+def measure(
+    image_tokens: int, prompts: int, group: int, length: int, args, repeats: int | None = None
+) -> dict:
     model, processor = model_for(image_tokens, args.quick)
     data = load_builtin("easy-vqa", "train", limit=prompts)
     samples = [data[i] for i in range(prompts)]
@@ -100,7 +102,7 @@ def measure(image_tokens: int, prompts: int, group: int, length: int, args) -> d
     for name, fn in (("rollout", rollout), ("score", scoring), ("update", update)):
         fn(True)  # warm-up
         times = {False: [], True: []}
-        for _ in range(args.repeats):  # interleaved: off, on, off, on, ...
+        for _ in range(repeats or args.repeats):  # interleaved: off, on, off, on, ...
             for shared in (False, True):
                 times[shared].append(timed(lambda f=fn, s=shared: f(s), 1))
         row[name] = {k: statistics.median(v) for k, v in times.items()}
@@ -142,6 +144,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--repeats", type=int, default=2, help="timed runs per path and phase")
+    p.add_argument(
+        "--scaling-repeats", type=int, default=1, help="timed runs per path in the scaling table"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--micro", type=int, default=16, help="sequences per forward in score/update")
     p.add_argument("--no-scaling", action="store_true")
@@ -172,16 +177,16 @@ def main() -> None:
     if not args.no_scaling and not args.quick:
         scale = {}
         for tokens in (64, 256, 1024):
-            scale[("image", tokens)] = measure(tokens, 4, 8, length, args)
+            scale[("image", tokens)] = measure(tokens, 4, 8, length, args, args.scaling_repeats)
             print("image", tokens, scale[("image", tokens)], flush=True)
         for group in (4, 16):
-            scale[("group", group)] = measure(256, 4, group, length, args)
+            scale[("group", group)] = measure(256, 4, group, length, args, args.scaling_repeats)
             print("group", group, scale[("group", group)], flush=True)
         scale[("group", 8)] = scale[("image", 256)]
         phases = ("rollout", "score", "update")
         lines += [
             "",
-            "## Scaling (4 prompts, 64-token responses)",
+            f"## Scaling (4 prompts, 64-token responses, median of {args.scaling_repeats} runs)",
             "",
             *table(
                 {

@@ -11,7 +11,6 @@ rejected, but never with another exception type: for the CLI that is the differe
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import fields
 
@@ -210,4 +209,7 @@ def test_a_jinja_template_override_is_kept_as_text():
     """A value that is not valid YAML is the literal string (here a Jinja template)."""
     cfg = load_config(None, ["data.template={{ question }} Answer briefly."])
     assert cfg.data.template == "{{ question }} Answer briefly."
-    assert math.isinf(load_config(None, ["guard.z_threshold=.inf"]).guard.z_threshold)
+    # Every float field must be finite (guard.enabled=false, not an infinite threshold, turns
+    # the guard off).
+    with pytest.raises(ConfigError, match=r"^guard\.z_threshold: must be a finite number"):
+        load_config(None, ["guard.z_threshold=.inf"])
