@@ -29,10 +29,10 @@ import argparse
 import math
 import platform
 import statistics
-import time
 
 import torch
-from step_time import MODELS, RESULTS  # benchmarks/ is on sys.path when run as a script
+from levers import timed  # benchmarks/ is on sys.path when run as a script
+from step_time import MODELS, RESULTS
 
 from vispo.data import get_template, load_builtin
 from vispo.models.scoring import build_scoring_batch, encode_prompts, score
@@ -50,15 +50,6 @@ def model_for(image_tokens: int, quick: bool):
     return build_tiny_vlm(
         "qwen2_5_vl", seed=0, patch_size=14, merge_size=2, tie_word_embeddings=False, **spec
     )
-
-
-def timed(fn, repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
 
 
 def measure(

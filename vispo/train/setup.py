@@ -17,7 +17,7 @@ from vispo.data import (
     load_builtin,
     load_samples,
 )
-from vispo.rewards import REWARDS, Limits, MultiReward, RewardRunner
+from vispo.rewards import REWARDS, Limits, MultiReward, RewardRunner, parse_reward_file
 from vispo.train.config import ConfigError
 
 BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -366,14 +366,10 @@ def check_reward_spec(spec: str) -> None:
             f"reward.name: unknown reward {spec!r}{hint}; use one of "
             f"{', '.join(sorted(REWARDS))} or 'path/to/file.py:function'"
         )
-    path_text, _, name = spec.rpartition(":")
-    if not path_text or not name.isidentifier():
-        raise ConfigError(f"reward.name: {spec!r} must look like 'path/to/file.py:function'")
-    path = Path(path_text).expanduser()
-    if path.suffix != ".py":
-        raise ConfigError(f"reward.name: {spec!r}: {path} is not a .py file")
-    if not path.is_file():
-        raise ConfigError(f"reward.name: reward file not found: {path}")
+    try:
+        path, name = parse_reward_file(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"reward.name: {e}") from None
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as e:
