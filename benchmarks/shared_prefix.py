@@ -177,7 +177,7 @@ def main() -> None:
         phases = ("rollout", "score", "update")
         lines += [
             "",
-            f"## Scaling (4 prompts, 64-token responses, median of {args.scaling_repeats} runs)",
+            f"## Scaling (4 prompts, 64-token responses, {args.scaling_repeats} run(s) per path)",
             "",
             *table(
                 {
