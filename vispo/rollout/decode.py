@@ -69,7 +69,7 @@ def _any_unfinished(unfinished: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def _counts(n: int | Sequence[int], prompts: int) -> list[int]:
+def response_counts(n: int | Sequence[int], prompts: int) -> list[int]:
     """Responses per prompt: ``n`` for every prompt, or one count per prompt."""
     counts = [int(n)] * prompts if isinstance(n, int) else [int(c) for c in n]
     if len(counts) != prompts or min(counts, default=1) < 1:
@@ -106,7 +106,7 @@ def sample_shared_prefix(
     """
     device = next(model.parameters()).device
     P, Lp = prompts.input_ids.shape
-    counts = torch.tensor(_counts(n, P), device=device)
+    counts = torch.tensor(response_counts(n, P), device=device)
     rows = torch.arange(P, device=device).repeat_interleave(counts)
     B = len(rows)
     prompt_pos, offsets = prompt_positions(model, prompts)
