@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from vispo.models.scoring import PromptBatch, forward_precision, response_mask_from_ids
-from vispo.rollout.decode import response_counts, sample_shared_prefix
+from vispo.rollout.decode import process_logits, response_counts, sample_shared_prefix
 
 
 @dataclasses.dataclass
@@ -161,6 +162,36 @@ def multimodal_token_ids(processor) -> list[int]:
     return sorted(ids)
 
 
+class FusedLogitsProcessor(LogitsProcessor):
+    """:func:`vispo.rollout.decode.process_logits` as ``generate``'s one logits processor.
+
+    It replaces transformers' ``MinNewTokensLength``, ``SuppressTokens``, ``InfNanRemove``,
+    ``Temperature`` and ``TopP`` processors with the same floats (tested), processed in place
+    on the step's scores (``generate`` hands each step a fresh float32 copy of the logits).
+    Set ``prompt_length`` (the left-padded prompt width) before the call.
+    """
+
+    def __init__(self, *, banned, eos, min_new_tokens, temperature, top_p):
+        self.banned = torch.tensor(list(banned), dtype=torch.long)
+        self.eos = torch.tensor(list(eos), dtype=torch.long)
+        self.min_new_tokens, self.temperature, self.top_p = min_new_tokens, temperature, top_p
+        self.prompt_length = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.banned.device != scores.device:
+            self.banned, self.eos = self.banned.to(scores.device), self.eos.to(scores.device)
+        return process_logits(
+            scores,
+            step=input_ids.shape[1] - self.prompt_length,
+            banned=self.banned,
+            eos=self.eos,
+            min_new_tokens=self.min_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            inplace=True,
+        )
+
+
 @contextlib.contextmanager
 def _only_generation_config(model: torch.nn.Module, config: GenerationConfig):
     """Temporarily make `config` the model's generation config, so no checkpoint default
@@ -227,12 +258,20 @@ def generate(
     if not eos:
         raise ValueError("no EOS token id: pass eos_token_ids or set one on the tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    banned = multimodal_token_ids(processor)
+    # Temperature, top-p, the EOS ban before min_new_tokens, the placeholder ban and the
+    # NaN/inf guard in one processor (FusedLogitsProcessor): generate adds none of its own.
+    fused = FusedLogitsProcessor(
+        banned=banned,
+        eos=eos,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature if do_sample else 1.0,
+        top_p=top_p if do_sample else 1.0,
+    )
     config = GenerationConfig(
         do_sample=do_sample,
-        **sampling,
+        **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
         # Greedy decoding gives n identical responses: decode once, repeat the rows.
         # Different counts per prompt: the prompts are repeated before the call instead.
         num_return_sequences=counts[0] if do_sample and uniform and counts else 1,
@@ -240,11 +279,6 @@ def generate(
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=None,
-        suppress_tokens=multimodal_token_ids(processor) or None,
-        # A NaN/inf logit (e.g. a float16 overflow) must not crash sampling; finite logits are
-        # left exactly as they are, and the step's scoring pass then sees the non-finite
-        # log-probs and skips the update.
-        remove_invalid_values=True,
         use_cache=True,
     )
     prompts = prompts.left_padded()
@@ -255,6 +289,7 @@ def generate(
     else:  # `generate` repeats every prompt by one number: repeat them here
         expanded = prompts.select(torch.arange(len(counts)).repeat_interleave(torch.tensor(each)))
     inputs = {k: v.to(device) for k, v in expanded.model_inputs().items()}
+    fused.prompt_length = expanded.input_ids.shape[1]
     if seed is None:
         rng = contextlib.nullcontext()
     else:
@@ -276,12 +311,16 @@ def generate(
                 do_sample=do_sample,
                 eos_token_ids=eos,
                 pad_token_id=pad,
-                banned_token_ids=config.suppress_tokens or [],
+                banned_token_ids=banned,
                 precision=lambda device: forward_precision(device, autocast),
             )
         else:
             with _only_generation_config(model, config), torch.no_grad(), precision:
-                sequences = model.generate(**inputs, generation_config=config)
+                sequences = model.generate(
+                    **inputs,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([fused]),
+                )
     if not do_sample:
         sequences = sequences.repeat_interleave(torch.tensor(counts), dim=0)
     return finish_responses(
