@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from vispo.models.prefix import cache_argument, output_cache, prompt_positions, text_positions
 
@@ -69,6 +70,59 @@ def _any_unfinished(unfinished: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that grows into a buffer sized for the whole decode.
+
+    transformers' ``DynamicLayer`` concatenates every new key and value onto the cache, copying
+    all of it at every step (a cost that grows with the prompt: the image tokens); this layer
+    writes the step's entry into a preallocated buffer and hands the attention a view of the
+    filled part, the same values in the same order.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, room: int):
+        super().__init__()
+        B, H, L, _ = keys.shape
+        self.buffers = []
+        for t in (keys, values):
+            buf = t.new_empty(len(rows), t.shape[1], L + room, t.shape[3])
+            buf[:, :, :L] = t.index_select(0, rows)
+            self.buffers.append(buf)
+        self.length, self.device, self.is_initialized = L, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        for buf, new in zip(self.buffers, (key_states, value_states)):
+            buf[:, :, self.length : self.length + q] = new
+        self.length += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        self.buffers = [b.index_select(0, index) for b in self.buffers]
+        self._views()
+
+
+def _preallocate(cache, rows: torch.Tensor, room: int) -> None:
+    """Repeat the prompts' cache rows (``rows``) into preallocated layers, in place; a cache
+    with any other kind of layer (sliding window, linear attention) is only repeated."""
+    layers = getattr(cache, "layers", None)
+    plain = layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    if not plain:
+        cache.reorder_cache(rows)
+        return
+    cache.layers = [_PreallocatedLayer(la.keys, la.values, rows, room) for la in layers]
+
+
 def response_counts(n: int | Sequence[int], prompts: int) -> list[int]:
     """Responses per prompt: ``n`` for every prompt, or one count per prompt."""
     counts = [int(n)] * prompts if isinstance(n, int) else [int(c) for c in n]
@@ -115,7 +169,7 @@ def sample_shared_prefix(
     with precision(device):
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = output_cache(out)
-    cache.reorder_cache(rows)
+    _preallocate(cache, rows, max_new_tokens)
     logits = out.logits[:, -1].float().index_select(0, rows)
 
     mask = inputs["attention_mask"].index_select(0, rows)
