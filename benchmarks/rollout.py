@@ -318,6 +318,13 @@ def main() -> None:
         "",
         "Written by benchmarks/rollout.py; each part below says how it was run. "
         "Wall and process-CPU seconds; ratios are side by side in one process.",
+        "",
+        "`HF generate` repeats the prompts before the call, as TRL's sampler does, so the vision "
+        "tower runs once per rollout; `vispo plain` passes `num_return_sequences`, with which "
+        "transformers 5.25's Qwen2.5-VL ran the vision tower once per prompt in a probe on the "
+        "vision-heavy workload (vision tower over 64 images 13.3 s CPU, over 8 images 1.1 s; "
+        "`generate` of 2 tokens 19.9 s repeated, 6.8 s with `num_return_sequences`, 1 thread, "
+        "contended): most of the gap between those two rows there.",
     ]
     for part in parts:
         sections[part] = (
