@@ -60,14 +60,15 @@ def process_logits(
     return scores
 
 
-def _any_unfinished(unfinished: torch.Tensor) -> bool:
-    """Whether any row (on any rank, when ranks run a sharded forward together) goes on."""
-    flag = unfinished.any().to(torch.int64).reshape(1)
+def _any_unfinished(left: int, device: torch.device) -> bool:
+    """Whether any row (on any rank, when ranks run a sharded forward together) goes on, given
+    this rank's count of unfinished rows."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.to("cuda" if flag.device.type == "cuda" else "cpu")
+        flag = torch.tensor([int(left > 0)], device="cuda" if device.type == "cuda" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return bool(flag.item())
+    return left > 0
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -208,10 +209,12 @@ def sample_shared_prefix(
         token = torch.where(unfinished, token, pad)
         tokens.append(token)
         unfinished &= ~torch.isin(token, eos)
-        if step == max_new_tokens - 1 or not _any_unfinished(unfinished):
+        if step == max_new_tokens - 1:
             break
-        going = unfinished.index_select(0, active)
-        left = int(going.sum())
+        going = unfinished.index_select(0, active)  # the rows outside `active` have stopped
+        left = int(going.sum())  # the step's one host sync
+        if not _any_unfinished(left, device):
+            break
         if 0 < left <= len(active) - max(1, len(active) // 8):  # drop the stopped rows
             keep = going.nonzero().squeeze(1)
             cache.reorder_cache(keep)
