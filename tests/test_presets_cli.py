@@ -225,3 +225,21 @@ def test_help_text_lists_objective_name_once():
     text = help_text()
     assert len(re.findall(r"^  objective\.name = ", text, flags=re.M)) == 1
     assert "objective.name = 'grpo'\n      Preset the objective starts from: grpo, dapo" in text
+
+
+def test_a_preset_named_on_the_command_line_drops_the_configs_objective_values():
+    # The embedded default is PAPO-G (gamma 0.02, mask ratio 0.6): `objective.name=grpo` must
+    # give GRPO's preset, not GRPO with PAPO's gamma (which would silently be PAPO-G).
+    from vispo.algos import objective_preset
+
+    cfg = load_named_config(None, ["objective.name=grpo"])
+    grpo = objective_preset("grpo", mask_patch_size=cfg.objective.mask_patch_size)
+    assert cfg.objective == grpo
+    assert cfg.objective.gamma == 0.0 and cfg.objective.mask_patch_size == 16
+    # The same as the objective file, whatever else is overridden beside it.
+    by_name = load_named_config(None, ["objective.name=cppo", "objective.cpl_lambda=0.5"])
+    by_file = load_named_config("cppo", ["objective.cpl_lambda=0.5"])
+    assert by_name.objective == by_file.objective and by_name.objective.cpl_lambda == 0.5
+    # Overriding a field of the same preset keeps the config's other values.
+    same = load_named_config(None, ["objective.name=papo_g", "objective.gamma=0.01"])
+    assert same.objective.gamma == 0.01 and same.objective.mask_ratio == 0.6
