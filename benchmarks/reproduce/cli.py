@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "'before-rl,tune-*,grpo-*'")  # fmt: skip
     p.add_argument("--steps", type=int, help="RL steps per run (default: the quickstart's, 60)")
     p.add_argument("--test-limit", type=int, help="easy-vqa test questions per mode (3000)")
-    p.add_argument("--curve-size", type=int, help="validation questions of the curve (300)")
+    p.add_argument("--curve-size", type=int, help="validation questions of the curve (500)")
     p.add_argument("--eval-every", type=int, help="steps between validation evaluations (10)")
     p.add_argument("--quick", action="store_true", help="smoke run: 9 runs of 2 steps")
     p.add_argument("--report", action="store_true", help="only rebuild docs from the records")

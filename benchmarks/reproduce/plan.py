@@ -152,7 +152,7 @@ class Settings:
     steps: int = 60
     test_limit: int | None = 3000
     cf_limit: int | None = None
-    curve_size: int = 300
+    curve_size: int = 500
     eval_every: int = 10
     save_every: int = 20
     eval_batch: int = 128

@@ -34,7 +34,7 @@ GRPO_STEP_S = 0.9
 STEP_FACTOR = {"grpo": 1.0, "dapo": 2.0, "papo_g": 1.17, "papo_d": 2.4, "cppo": 1.6,
                "vppo": 1.16, "noisyrollout": 1.21}  # fmt: skip
 EQR_FACTOR = 2.6  # GRPO with ~3.3x the prompts per step
-OVERHEAD_S = 15.0  # interpreter, imports, data and model loading
+OVERHEAD_S = 20.0  # interpreter, imports, data and model loading (5 + 10-15 s measured)
 EVAL_S_PER_Q = 0.005  # greedy, 64-px images, 4 new tokens, batch 128 (3.5-5 ms measured)
 CF_SIZE = 856  # easy-vqa-cf's questions (8 per question string)
 
