@@ -18,7 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reproduce import analyse as A  # noqa: E402
 from benchmarks.reproduce import plan as P  # noqa: E402
 from benchmarks.reproduce import records as REC  # noqa: E402
 from benchmarks.reproduce import report as REP  # noqa: E402
@@ -88,7 +87,9 @@ def test_paired_by_seed_uses_shared_seeds_only():
 
 def test_mean_band_and_curves_by_step():
     mean, half = S.mean_band([0.6, 0.7, 0.8])  # sd 0.1, se 0.1/sqrt(3), t_.975(2) = 4.302653
-    assert math.isclose(mean, 0.7) and math.isclose(half, 4.302653 * 0.1 / math.sqrt(3), rel_tol=1e-6)
+    assert math.isclose(mean, 0.7) and math.isclose(
+        half, 4.302653 * 0.1 / math.sqrt(3), rel_tol=1e-6
+    )
     assert S.mean_band([0.4]) == (0.4, 0.0)
     by_step = S.curves_by_step({0: {0: 0.5, 10: 0.6, 20: 0.7}, 1: {0: 0.4, 10: 0.8}})
     assert by_step == {0: {0: 0.5, 1: 0.4}, 10: {0: 0.6, 1: 0.8}}  # step 20: one seed only
@@ -201,4 +202,106 @@ def test_estimate_wall_time_schedules_runs_on_workers():
     tune = next(s for s in plan if s.kind == "tune")
     grpo = next(s for s in plan if s.name == "grpo-s0")
     final = (3 * 3000 + SCH.CF_SIZE) * SCH.EVAL_S_PER_Q  # tuning runs touch no test question
-    assert math.isclose(SCH.estimate_run_s(grpo, SETTINGS) - SCH.estimate_run_s(tune, SETTINGS), final)
+    assert math.isclose(
+        SCH.estimate_run_s(grpo, SETTINGS) - SCH.estimate_run_s(tune, SETTINGS), final
+    )
+
+
+# --- the report from records alone ---------------------------------------------------------------
+
+
+def _record(name, kind, arm, seed, final, *, lr=None, curve=None, settings=SETTINGS):
+    spec = P.RunSpec(name, kind, arm, seed, lr)
+    bits = [1, 0, 1, 1]
+    return {
+        "schema": REC.SCHEMA,
+        "name": name,
+        "spec": spec.to_json(),
+        "settings": settings.to_json(),
+        "resolved": {} if kind != "main" else {"lr": 1e-3, "prompts_per_step": None},
+        "status": "ok",
+        "config": None,
+        "final": final,
+        "train": {
+            "curve": curve or {"step": [], "value": []},
+            "reward": {"step": [1, 2], "value": [0.3, 0.5]},
+            "ds_rounds": 1.0,
+            "guard_events": [],
+        },
+        "questions": {"test/real": {"n": 4, "bits": REC.pack_bits(bits)}},
+        "timing": {"train_s": 40.0},
+    }
+
+
+def _main_final(real, gray=0.6, cf=0.3):
+    return {"test/real": real, "test/gray": gray, "test/drop": real - gray, "cf": cf, "val": real}
+
+
+def test_report_is_rebuilt_from_records_alone(tmp_path):
+    from benchmarks.reproduce.cli import main
+
+    folder = tmp_path / "records"
+    recs = [_record("before-rl", "before", None, None, _main_final(0.7))]
+    for lr, vals in ((1e-4, (0.70, 0.72)), (3e-4, (0.80, 0.78)), (1e-3, (0.85, 0.83))):
+        for s, v in zip((0, 1), vals):
+            recs.append(_record(P.tune_name(lr, s), "tune", "grpo", s, {"val": v}, lr=lr))
+    grpo = (0.70, 0.75, 0.72)
+    for s, (g, dp, dd) in enumerate(zip(grpo, (0.05, 0.04, 0.06), (0.02, -0.03, 0.01))):
+        steps = {"step": [0, 10], "value": [0.6, g]}
+        recs.append(_record(f"grpo-s{s}", "main", "grpo", s, _main_final(g), curve=steps))
+        papo = {"step": [0, 10], "value": [0.6, g + dp]}
+        recs.append(_record(f"papo_g-s{s}", "main", "papo_g", s, _main_final(g + dp), curve=papo))
+        recs.append(_record(f"dapo-s{s}", "main", "dapo", s, _main_final(g + dd)))
+    for r in recs:
+        REC.write_json(folder / f"{r['name']}.json", r)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(REP.discussion_block("main", "Hand-written, kept.\n") + "\n")
+    assert main(["--report", "--records", str(folder), "--docs", str(docs)]) == 0
+    md = (docs / "results.md").read_text()
+    assert "Chosen learning rate: **0.001**" in md  # means 0.71, 0.79, 0.84
+    # PAPO-G - GRPO on test: differences 0.05, 0.04, 0.06 -> mean 5.0 points, sd 1.0 point,
+    # half-width 4.302653 x 1.0 / sqrt(3) = 2.484 points; t = 5 sqrt(3) = 8.660 with df 2, so
+    # p = 1 - t / sqrt(2 + t^2) (the df-2 closed form) = 0.0132
+    t = 5 * math.sqrt(3)
+    p = 1 - t / math.sqrt(2 + t * t)
+    assert f"**+5.0 [+2.5, +7.5], p {p:.3f}**" in md
+    # the same at step 10 of the validation curve (step 0: no difference at all)
+    assert f"| 10 | 3 | **+5.0 [+2.5, +7.5], p {p:.3f}** | resolved, higher |" in md
+    # DAPO - GRPO: differences 0.02, -0.03, 0.01 -> mean 0, an interval across 0
+    dapo_row = next(line for line in md.splitlines() if line.startswith("| DAPO vs GRPO, equal s"))
+    assert "+0.0 [" in dapo_row and "**" not in dapo_row
+    assert (
+        "**DAPO vs GRPO, equal steps** (" in md and "test accuracy (real image): unresolved" in md
+    )
+    assert "| DAPO vs GRPO, equal rollouts | DAPO | GRPO, DAPO's rollouts | 0 | pending" in md
+    # PAPO-G's test accuracy 0.75, 0.79, 0.78: mean 77.3, sample sd sqrt(0.000867 / 2) = 2.1
+    assert "| PAPO-G | 3 | 77.3 ± 2.1 |" in md
+    assert "Hand-written, kept.\n<!-- /discussion:main -->" in md
+    assert (docs / REP.CURVES_PNG).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_then_skipped(tmp_path):
+    """Two tiny runs through subprocess workers: records, report, and a rerun that skips."""
+    from benchmarks.reproduce.cli import main
+
+    out = tmp_path / "runs"
+    argv = ["--quick", "--only", "before-rl,tune-lr0.001", "--out", str(out), "--jobs", "2"]
+    assert main(argv) == 0
+    before = json.loads((out / "records" / "before-rl.json").read_text())
+    assert before["questions"]["test/real"]["n"] == 32
+    real = REC.correct_vector(before, "test/real")
+    assert math.isclose(before["final"]["test/real"], sum(real) / 32)
+    assert math.isclose(
+        before["final"]["test/drop"], before["final"]["test/real"] - before["final"]["test/gray"]
+    )
+    tune = json.loads((out / "records" / "tune-lr0.001-s0.json").read_text())
+    assert tune["final"].keys() == {"val"} and tune["train"]["curve"]["step"] == [0, 1, 2]
+    assert (
+        tune["config"]["optim"]["lr"] == 1e-3
+        and tune["config"]["data"]["eval_split"] == "validation"
+    )
+    log = (out / "tune-lr0.001-s0" / "log.txt").read_text()
+    assert main(argv) == 0  # finished: not run again
+    assert (out / "tune-lr0.001-s0" / "log.txt").read_text() == log

@@ -90,4 +90,7 @@ def before(records: Mapping[str, Mapping]) -> dict | None:
 
 
 def arm_label(key: str) -> str:
-    return ARM_BY_KEY[key].label
+    """The arm's label; a control run as another arm says which (``... (= GRPO runs)``)."""
+    same = aliases().get(key)
+    label = ARM_BY_KEY[key].label
+    return label if same is None else f"{label} (= {ARM_BY_KEY[same].label} runs)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -274,6 +275,12 @@ def objective_tree(arm: Arm) -> dict:
 
 def aliases() -> dict[str, str]:
     """Arm -> an earlier arm with the same built objective config (the preset name aside)."""
+    return dict(_aliases())
+
+
+@functools.cache
+def _aliases() -> dict[str, str]:
+    """Arm -> an earlier arm with the same built objective config (the preset name aside)."""
     import warnings
 
     from vispo.train.config import build_config
@@ -312,7 +319,8 @@ def run_tree(
     if spec.kind == "before":
         raise ReproError(f"{spec.name}: the before-RL row has no training config")
     tree = quickstart_tree()
-    tree["objective"] = objective_tree(ARM_BY_KEY[spec.arm])
+    # a preset that is no arm of the plan runs as itself (no overrides)
+    tree["objective"] = objective_tree(ARM_BY_KEY.get(spec.arm) or Arm(spec.arm, "", spec.arm))
     tree["train"].update(
         steps=settings.steps,
         seed=spec.seed,
