@@ -186,48 +186,59 @@ def by_step_section(arms) -> list[str]:
     return parts or ["_Pending._", ""]
 
 
+def _band(ax, runs, label, color, ls="-") -> None:
+    by_step = A.curves_by_step({s: A.curve(r) for s, r in runs.items()})
+    if not by_step:
+        return
+    steps = list(by_step)
+    bands = [mean_band(list(by_step[s].values())) for s in steps]
+    ax.plot(steps, [100 * m for m, _ in bands], marker="o", ms=3, color=color, ls=ls,
+            label=f"{label} (n={len(runs)})")  # fmt: skip
+    lo = [100 * (m - h) for m, h in bands]
+    hi = [100 * (m + h) for m, h in bands]
+    ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+
+
 def plot_curves(arms, path: Path, *, window: int = 5) -> Path | None:
-    """Validation accuracy (mean ± 95% t band over seeds) and training reward, per arm."""
+    """One panel per comparison (validation accuracy of the arm and its control, mean and 95%
+    t band over seeds), and the training reward of every arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alias = aliases()
-    shown = [a for a in ARMS if a.key not in alias and arms.get(a.key)]
-    if not shown:
+    if not any(arms.values()):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    fig, axes = plt.subplots(2, 4, figsize=(15.0, 7.0))
+    flat = list(axes.flat)
+    for ax, c in zip(flat, COMPARISONS):
+        _band(ax, arms.get(c.arm, {}), A.arm_label(c.arm), "#d62728")
+        _band(ax, arms.get(c.control, {}), A.arm_label(c.control), "#555555", "--")
+        ax.set_title(c.title, fontsize=9)
+        ax.set_ylabel("validation accuracy %", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
+    ax = flat[len(COMPARISONS)]
     cmap = plt.get_cmap("tab10")
-    for i, arm in enumerate(shown):
+    alias = aliases()
+    for i, arm in enumerate(a for a in ARMS if a.key not in alias and arms.get(a.key)):
         runs = arms[arm.key]
-        style = dict(color=cmap(i % 10), ls="--" if arm.key.endswith(("-off", "-eqr")) else "-")
-        label = f"{arm.label} (n={len(runs)})"
-        by_step = A.curves_by_step({s: A.curve(r) for s, r in runs.items()})
-        if by_step:
-            steps = list(by_step)
-            bands = [mean_band(list(by_step[s].values())) for s in steps]
-            axes[0].plot(steps, [100 * m for m, _ in bands], marker="o", ms=3, label=label, **style)
-            axes[0].fill_between(steps, [100 * (m - h) for m, h in bands],
-                                 [100 * (m + h) for m, h in bands], color=style["color"],
-                                 alpha=0.1)  # fmt: skip
         rewards = A.curves_by_step(
             {s: dict(zip(r["train"]["reward"]["step"], r["train"]["reward"]["value"]))
              for s, r in runs.items()}
         )  # fmt: skip
         if rewards:
             mean = [sum(v.values()) / len(v) for v in rewards.values()]
-            axes[1].plot(list(rewards), moving_average(mean, window), label=label, **style)
-    axes[0].set_title("validation accuracy (greedy), mean and 95% t band over seeds", fontsize=9)
-    axes[0].set_ylabel("accuracy %")
-    axes[1].set_title(f"training reward ({window}-step moving mean)", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("step")
+            ax.plot(list(rewards), moving_average(mean, window), color=cmap(i % 10),
+                    label=arm.label[:24])  # fmt: skip
+    ax.set_title(f"training reward, seed mean, {window}-step moving mean", fontsize=9)
+    ax.legend(fontsize=5, loc="lower right")
+    for ax in flat:
+        ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
