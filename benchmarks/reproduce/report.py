@@ -113,9 +113,17 @@ def tuning_section(records: Mapping[str, Mapping], settings: Settings) -> list[s
     if lr is None:
         verdict = "_Pending: the tuning runs have not all finished._"
     else:
+        mains = [r for r in records.values() if r["spec"]["kind"] == "main"]
+        other = sorted(r["name"] for r in mains if r["resolved"].get("lr") != lr)
         verdict = (
             f"Chosen learning rate: **{lr:g}** (highest mean validation accuracy; the "
-            f"quickstart's is {q_lr:g}). Every main run below uses {lr:g}."
+            f"quickstart's is {q_lr:g}). "
+            + (
+                f"Every main run below ({len(mains)}) uses {lr:g} (its record's `resolved.lr`)."
+                if not other
+                else f"**Warning**: {len(other)} main run(s) used another rate: "
+                + ", ".join(other[:5])
+            )
         )
     return [_table(header, rows), verdict, ""]
 
