@@ -59,7 +59,9 @@ class DataConfig:
     )
     split: str = _f("train", "Split to train on.")
     eval_split: str = _f(
-        "test", "Split of the held-out set (of data.eval_name, else of data.name)."
+        "test",
+        "Split of the held-out set (of data.eval_name, else of data.name); easy-vqa has "
+        "validation (1,005 q. of train images never trained on: tune there) and test.",
     )
     eval_name: str | None = _f(
         None,
