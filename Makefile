@@ -72,7 +72,7 @@ bench-gpu: install
 # Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
 # docs/results.md and docs/results_curves.png.
 reproduce: install
-	OMP_NUM_THREADS=1 $(PY) benchmarks/reproduce.py --jobs 2
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
