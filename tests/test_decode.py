@@ -120,3 +120,41 @@ def test_process_logits_equals_transformers_processors():
         torch.testing.assert_close(
             ours.softmax(-1), reference.softmax(-1), atol=0, rtol=0, equal_nan=True
         )
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "warped", "greedy"])
+def test_fused_processor_gives_generates_own_processors_tokens(tiny_vlm, prompts, settings):
+    """vispo's ``generate`` passes one fused logits processor and none of transformers' own;
+    ``model.generate`` with transformers' processors (temperature, top-p, min_new_tokens, the
+    suppressed placeholders, the NaN/inf guard) draws the same tokens for the same seed."""
+    from transformers import GenerationConfig
+
+    from vispo.rollout.hf import multimodal_token_ids, stop_token_ids
+
+    model, processor = tiny_vlm("qwen2_5_vl")
+    batch = prompts("qwen2_5_vl").left_padded()
+    settings = dict(settings)
+    do_sample = settings.pop("do_sample", True)
+    ours = generate(
+        model, processor, batch, n=3, max_new_tokens=10, seed=7, do_sample=do_sample, **settings
+    )
+    eos = stop_token_ids(model, processor)
+    config = GenerationConfig(
+        do_sample=do_sample,
+        **({"top_k": 0, **settings} if do_sample else settings),
+        max_new_tokens=10,
+        num_return_sequences=3 if do_sample else 1,
+        eos_token_id=eos,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        bos_token_id=None,
+        suppress_tokens=multimodal_token_ids(processor),
+        remove_invalid_values=True,
+    )
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model.generate(**batch.model_inputs(), generation_config=config)
+    if not do_sample:
+        out = out.repeat_interleave(3, dim=0)
+    reference = out[:, batch.input_ids.shape[1] :]
+    mask = ours.response_mask.bool()
+    assert torch.equal(ours.response_ids[mask], reference[:, : mask.shape[1]][mask])

@@ -126,7 +126,7 @@ def test_noisyrollout_with_papo_g_trains_on_clean_images(tmp_path):
     generate = trainer.rollout_backend.generate
 
     def spy(prompts, **kw):
-        calls.append((prompts.pixels["pixel_values"].clone(), kw["n"]))
+        calls.append((prompts, kw["n"]))
         return generate(prompts, **kw)
 
     trainer.rollout_backend.generate = spy
@@ -134,8 +134,11 @@ def test_noisyrollout_with_papo_g_trains_on_clean_images(tmp_path):
     history = trainer.train()
     assert len(history) == 2 and all(math.isfinite(m["loss/total"]) for m in history)
     assert "loss/perception_kl" in history[0]
-    assert [n for _, n in calls] == [2, 2, 2, 2]  # per step: 2 clean, then 2 noisy per prompt
-    clean_pixels, noisy_pixels = calls[2][0], calls[3][0]
+    # One decode per step: prompt i's clean copy (2 responses), then its noised copy (2).
+    assert [n for _, n in calls] == [[2, 2, 2, 2], [2, 2, 2, 2]]
+    both = calls[1][0]
+    clean_pixels = both.select([0, 2]).pixels["pixel_values"]
+    noisy_pixels = both.select([1, 3]).pixels["pixel_values"]
     step = trainer._last_step
     assert len(step.batch) == 2 * 4
     # Scored on the clean image: the step's pixels are the clean rollout's, not the noisy ones.

@@ -32,6 +32,10 @@ class RolloutBackend(Protocol):
 
     ``sync_weights(model)`` is called after every optimizer update with the policy module;
     the next ``generate`` must sample from those weights.
+
+    Optional: a backend whose ``generate`` also takes ``n`` as one count per prompt (prompt i's
+    rows still consecutive) sets ``per_prompt_counts = True``; NoisyRollout then decodes a
+    step's clean and noised prompts in one call instead of two.
     """
 
     def generate(
@@ -51,6 +55,8 @@ class RolloutBackend(Protocol):
 
 class HFBackend:
     """Hugging Face ``generate`` on the policy module (left-padded batches, KV cache)."""
+
+    per_prompt_counts = True
 
     def __init__(
         self,

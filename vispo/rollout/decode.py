@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from vispo.models.prefix import cache_argument, output_cache, prompt_positions, text_positions
 
@@ -34,19 +35,28 @@ def process_logits(
     min_new_tokens: int,
     temperature: float,
     top_p: float,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """The sampling scores of one decode step from float32 logits ``[B, V]``."""
-    scores = logits.index_fill(-1, banned, float("-inf")) if banned.numel() else logits
-    if step < min_new_tokens:
-        scores = scores.index_fill(-1, eos, float("-inf"))
-    scores = torch.nan_to_num(scores, nan=0.0)
+    """The sampling scores of one decode step from float32 logits ``[B, V]``, in one step.
+
+    The same floats as transformers' ``MinNewTokensLength``, ``SuppressTokens``,
+    ``InfNanRemove``, ``Temperature`` and ``TopP`` processors applied in that order, but each
+    stage works in place on one buffer (``inplace=True``: on ``logits`` itself), so a step
+    makes one copy of the ``[B, V]`` scores at most instead of one per stage.
+    """
+    scores = logits if inplace else logits.clone()
+    ids = banned if step >= min_new_tokens else torch.cat([banned, eos.to(banned.dtype)])
+    if ids.numel():
+        scores.index_fill_(-1, ids, float("-inf"))
+    # NaN -> 0 and +inf -> the largest float (InfNanRemove); -inf stays -inf.
+    scores.nan_to_num_(nan=0.0, neginf=float("-inf"))
     if temperature != 1.0:
-        scores = scores / temperature
+        scores.div_(temperature)
     if top_p < 1.0:
         ordered, order = torch.sort(scores, descending=False)
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop = ordered.softmax(-1).cumsum_(-1) <= 1 - top_p
         drop[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        scores.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
     return scores
 
 
@@ -60,12 +70,73 @@ def _any_unfinished(unfinished: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that grows into a buffer sized for the whole decode.
+
+    transformers' ``DynamicLayer`` concatenates every new key and value onto the cache, copying
+    all of it at every step (a cost that grows with the prompt: the image tokens); this layer
+    writes the step's entry into a preallocated buffer and hands the attention a view of the
+    filled part, the same values in the same order.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, room: int):
+        super().__init__()
+        B, H, L, _ = keys.shape
+        self.buffers = []
+        for t in (keys, values):
+            buf = t.new_empty(len(rows), t.shape[1], L + room, t.shape[3])
+            buf[:, :, :L] = t.index_select(0, rows)
+            self.buffers.append(buf)
+        self.length, self.device, self.is_initialized = L, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        for buf, new in zip(self.buffers, (key_states, value_states)):
+            buf[:, :, self.length : self.length + q] = new
+        self.length += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        self.buffers = [b.index_select(0, index) for b in self.buffers]
+        self._views()
+
+
+def _preallocate(cache, rows: torch.Tensor, room: int) -> None:
+    """Repeat the prompts' cache rows (``rows``) into preallocated layers, in place; a cache
+    with any other kind of layer (sliding window, linear attention) is only repeated."""
+    layers = getattr(cache, "layers", None)
+    plain = layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    if not plain:
+        cache.reorder_cache(rows)
+        return
+    cache.layers = [_PreallocatedLayer(la.keys, la.values, rows, room) for la in layers]
+
+
+def response_counts(n: int | Sequence[int], prompts: int) -> list[int]:
+    """Responses per prompt: ``n`` for every prompt, or one count per prompt."""
+    counts = [int(n)] * prompts if isinstance(n, int) else [int(c) for c in n]
+    if len(counts) != prompts or min(counts, default=1) < 1:
+        raise ValueError(f"n must be >= 1 or one count >= 1 per prompt ({prompts}), got {n}")
+    return counts
+
+
 @torch.no_grad()
 def sample_shared_prefix(
     model: torch.nn.Module,
     prompts,
     *,
-    n: int,
+    n: int | Sequence[int],
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -76,21 +147,29 @@ def sample_shared_prefix(
     banned_token_ids: Sequence[int],
     precision,
 ) -> torch.Tensor:
-    """``[P * n, Lp + T]`` prompt + sampled tokens, the n rows of prompt i consecutive.
+    """``[sum(counts), Lp + T]`` prompt + sampled tokens, the rows of prompt i consecutive.
+
+    ``n``: responses per prompt, the same for all or one count per prompt (NoisyRollout decodes
+    a group's clean and noisy prompts together this way).
 
     Rows stop at their first EOS (later positions hold ``pad_token_id``); the loop ends when
-    every row has stopped or after ``max_new_tokens`` tokens.
+    every row has stopped or after ``max_new_tokens`` tokens. Stopped rows leave the forward
+    (their cache rows are dropped once an eighth of the batch has stopped), but every step still
+    draws over all rows, so the random stream, and with it every row's tokens, is the one
+    ``generate`` draws, which keeps computing the stopped rows to the end.
     """
     device = next(model.parameters()).device
     P, Lp = prompts.input_ids.shape
-    rows = torch.arange(P, device=device).repeat_interleave(n)
+    counts = torch.tensor(response_counts(n, P), device=device)
+    rows = torch.arange(P, device=device).repeat_interleave(counts)
+    B = len(rows)
     prompt_pos, offsets = prompt_positions(model, prompts)
     inputs = {**prompts.model_inputs(), "position_ids": prompt_pos}
     inputs = {k: v.to(device) for k, v in inputs.items()}
     with precision(device):
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = output_cache(out)
-    cache.reorder_cache(rows)
+    _preallocate(cache, rows, max_new_tokens)
     logits = out.logits[:, -1].float().index_select(0, rows)
 
     mask = inputs["attention_mask"].index_select(0, rows)
@@ -99,7 +178,10 @@ def sample_shared_prefix(
     mrope = prompts.layout.model_positions
     eos = torch.tensor(list(eos_token_ids), device=device)
     banned = torch.tensor(list(banned_token_ids), dtype=torch.long, device=device)
-    unfinished = torch.ones(len(rows), dtype=torch.bool, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    active = torch.arange(B, device=device)  # the rows the forward still computes
+    draws = None  # [B, V] probabilities of every row once some rows left the forward
+    pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
     tokens = []
     cache_key = cache_argument(model)
     for step in range(max_new_tokens):
@@ -111,21 +193,38 @@ def sample_shared_prefix(
             min_new_tokens=min_new_tokens,
             temperature=temperature if do_sample else 1.0,
             top_p=top_p if do_sample else 1.0,
+            inplace=True,
         )
         if do_sample:
-            token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            probs = scores.softmax(-1)
+            if draws is not None:  # stopped rows keep a valid dummy distribution
+                probs = draws.index_copy_(0, active, probs)
+            drawn = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if draws is not None:
+                drawn = drawn.index_select(0, active)
         else:
-            token = scores.argmax(-1)
-        token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+            drawn = scores.argmax(-1)
+        token = pad.index_copy(0, active, drawn) if len(active) < B else drawn
+        token = torch.where(unfinished, token, pad)
         tokens.append(token)
         unfinished &= ~torch.isin(token, eos)
         if step == max_new_tokens - 1 or not _any_unfinished(unfinished):
             break
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        position = text_positions((real + step)[:, None], offsets, mrope=mrope)
+        going = unfinished.index_select(0, active)
+        left = int(going.sum())
+        if 0 < left <= len(active) - max(1, len(active) // 8):  # drop the stopped rows
+            keep = going.nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            active, mask = active.index_select(0, keep), mask.index_select(0, keep)
+            if draws is None and do_sample:
+                draws = logits.new_zeros(B, logits.shape[-1])
+                draws[:, 0] = 1.0
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        index = real.index_select(0, active) + step
+        position = text_positions(index[:, None], offsets.index_select(0, active), mrope=mrope)
         with precision(device):
             out = model(
-                input_ids=token[:, None],
+                input_ids=token.index_select(0, active)[:, None],
                 attention_mask=mask,
                 position_ids=position,
                 cache_position=torch.tensor([Lp + step], device=device),

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from vispo.models.scoring import PromptBatch, forward_precision, response_mask_from_ids
-from vispo.rollout.decode import sample_shared_prefix
+from vispo.rollout.decode import process_logits, response_counts, sample_shared_prefix
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class Rollout:
         stopped: ``[B]`` bool, True if the response ended with EOS; False if it hit the
             length cap (truncated).
         texts: decoded responses (special tokens skipped).
-        n: responses per prompt.
+        n: responses per prompt (0 when prompts were given different counts).
         prompt_index: ``[B]`` the prompt of each row.
     """
 
@@ -87,7 +88,7 @@ def finish_responses(
     eos_token_ids: Sequence[int],
     pad_token_id: int,
     tokenizer,
-    n: int,
+    n: int | Sequence[int],
 ) -> Rollout:
     """Turn ``generate`` output ``[B, Lp + T]`` into a :class:`Rollout`.
 
@@ -107,16 +108,21 @@ def finish_responses(
         [row[: int(length)].tolist() for row, length in zip(response, mask.sum(-1))],
         skip_special_tokens=True,
     )
-    B = response.shape[0]
+    counts = torch.tensor([n] * (response.shape[0] // n) if isinstance(n, int) else list(n))
     return Rollout(
         response_ids=response,
         response_mask=mask,
         lengths=mask.sum(-1).long(),
         stopped=stopped,
         texts=texts,
-        n=n,
-        prompt_index=torch.arange(B // n).repeat_interleave(n),
+        n=_uniform(counts),
+        prompt_index=torch.arange(len(counts)).repeat_interleave(counts),
     )
+
+
+def _uniform(counts: torch.Tensor) -> int:
+    """The responses per prompt when every prompt has the same count, else 0."""
+    return int(counts[0]) if len(counts) and bool((counts == counts[0]).all()) else 0
 
 
 _MULTIMODAL_TOKEN_ATTRS = (
@@ -156,6 +162,36 @@ def multimodal_token_ids(processor) -> list[int]:
     return sorted(ids)
 
 
+class FusedLogitsProcessor(LogitsProcessor):
+    """:func:`vispo.rollout.decode.process_logits` as ``generate``'s one logits processor.
+
+    It replaces transformers' ``MinNewTokensLength``, ``SuppressTokens``, ``InfNanRemove``,
+    ``Temperature`` and ``TopP`` processors with the same floats (tested), processed in place
+    on the step's scores (``generate`` hands each step a fresh float32 copy of the logits).
+    Set ``prompt_length`` (the left-padded prompt width) before the call.
+    """
+
+    def __init__(self, *, banned, eos, min_new_tokens, temperature, top_p):
+        self.banned = torch.tensor(list(banned), dtype=torch.long)
+        self.eos = torch.tensor(list(eos), dtype=torch.long)
+        self.min_new_tokens, self.temperature, self.top_p = min_new_tokens, temperature, top_p
+        self.prompt_length = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.banned.device != scores.device:
+            self.banned, self.eos = self.banned.to(scores.device), self.eos.to(scores.device)
+        return process_logits(
+            scores,
+            step=input_ids.shape[1] - self.prompt_length,
+            banned=self.banned,
+            eos=self.eos,
+            min_new_tokens=self.min_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            inplace=True,
+        )
+
+
 @contextlib.contextmanager
 def _only_generation_config(model: torch.nn.Module, config: GenerationConfig):
     """Temporarily make `config` the model's generation config, so no checkpoint default
@@ -174,7 +210,7 @@ def generate(
     processor,
     prompts: PromptBatch,
     *,
-    n: int,
+    n: int | Sequence[int],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -191,7 +227,8 @@ def generate(
         model: the policy (PEFT-wrapped or not).
         processor: its processor (for the tokenizer: decoding, EOS and pad ids).
         prompts: left-padded prompts from ``encode_prompts``.
-        n: responses per prompt.
+        n: responses per prompt: one number, or one count per prompt (the rows of prompt i
+            still consecutive; NoisyRollout decodes clean and noised prompts in one call so).
         max_new_tokens: length cap.
         temperature: sampling temperature (> 0); ignored when ``do_sample=False``.
         top_p: nucleus sampling mass (1.0 = off).
@@ -204,8 +241,8 @@ def generate(
             (:mod:`vispo.rollout.decode`) instead of ``generate``'s n prefills: the same
             distribution, processed identically.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    counts = response_counts(n, len(prompts))
+    uniform = len(set(counts)) <= 1
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
@@ -221,28 +258,38 @@ def generate(
     if not eos:
         raise ValueError("no EOS token id: pass eos_token_ids or set one on the tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    banned = multimodal_token_ids(processor)
+    # Temperature, top-p, the EOS ban before min_new_tokens, the placeholder ban and the
+    # NaN/inf guard in one processor (FusedLogitsProcessor): generate adds none of its own.
+    fused = FusedLogitsProcessor(
+        banned=banned,
+        eos=eos,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature if do_sample else 1.0,
+        top_p=top_p if do_sample else 1.0,
+    )
     config = GenerationConfig(
         do_sample=do_sample,
-        **sampling,
+        **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
         # Greedy decoding gives n identical responses: decode once, repeat the rows.
-        num_return_sequences=n if do_sample else 1,
+        # Different counts per prompt: the prompts are repeated before the call instead.
+        num_return_sequences=counts[0] if do_sample and uniform and counts else 1,
         num_beams=1,
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=None,
-        suppress_tokens=multimodal_token_ids(processor) or None,
-        # A NaN/inf logit (e.g. a float16 overflow) must not crash sampling; finite logits are
-        # left exactly as they are, and the step's scoring pass then sees the non-finite
-        # log-probs and skips the update.
-        remove_invalid_values=True,
         use_cache=True,
     )
     prompts = prompts.left_padded()
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in prompts.model_inputs().items()}
+    each = counts if do_sample and not uniform else [1] * len(counts)
+    if shared_prefix or max(each, default=1) == 1:
+        expanded = prompts
+    else:  # `generate` repeats every prompt by one number: repeat them here
+        expanded = prompts.select(torch.arange(len(counts)).repeat_interleave(torch.tensor(each)))
+    inputs = {k: v.to(device) for k, v in expanded.model_inputs().items()}
+    fused.prompt_length = expanded.input_ids.shape[1]
     if seed is None:
         rng = contextlib.nullcontext()
     else:
@@ -256,7 +303,7 @@ def generate(
             sequences = sample_shared_prefix(
                 model,
                 prompts,
-                n=config.num_return_sequences,
+                n=counts if do_sample else 1,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
@@ -264,21 +311,25 @@ def generate(
                 do_sample=do_sample,
                 eos_token_ids=eos,
                 pad_token_id=pad,
-                banned_token_ids=config.suppress_tokens or [],
+                banned_token_ids=banned,
                 precision=lambda device: forward_precision(device, autocast),
             )
         else:
             with _only_generation_config(model, config), torch.no_grad(), precision:
-                sequences = model.generate(**inputs, generation_config=config)
+                sequences = model.generate(
+                    **inputs,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([fused]),
+                )
     if not do_sample:
-        sequences = sequences.repeat_interleave(n, dim=0)
+        sequences = sequences.repeat_interleave(torch.tensor(counts), dim=0)
     return finish_responses(
         sequences.cpu(),
         prompts.input_ids.shape[1],
         eos_token_ids=eos,
         pad_token_id=pad,
         tokenizer=tokenizer,
-        n=n,
+        n=counts,
     )
 
 
@@ -286,19 +337,20 @@ def concat_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
     """One rollout from several (in order), right-padding responses to the longest."""
     if not rollouts:
         raise ValueError("concat_rollouts needs at least one rollout")
-    n = rollouts[0].n
     T = max(r.response_ids.shape[1] for r in rollouts)
 
     def pad(t: torch.Tensor, value) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
 
-    offsets = torch.cumsum(torch.tensor([0] + [len(r) // n for r in rollouts[:-1]]), 0)
+    sizes = [int(r.prompt_index.max()) + 1 if len(r) else 0 for r in rollouts]
+    offsets = torch.cumsum(torch.tensor([0] + sizes[:-1]), 0)
+    prompt_index = torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets.tolist())])
     return Rollout(
         response_ids=torch.cat([pad(r.response_ids, pad_token_id) for r in rollouts]),
         response_mask=torch.cat([pad(r.response_mask, 0.0) for r in rollouts]),
         lengths=torch.cat([r.lengths for r in rollouts]),
         stopped=torch.cat([r.stopped for r in rollouts]),
         texts=[t for r in rollouts for t in r.texts],
-        n=n,
-        prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets.tolist())]),
+        n=_uniform(torch.bincount(prompt_index)),
+        prompt_index=prompt_index,
     )

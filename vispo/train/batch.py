@@ -316,17 +316,38 @@ def mixed_rollout(
     n_noisy: int,
     signal: float,
     noise_std: float,
+    one_decode: bool = False,
 ) -> Rollout:
     """NoisyRollout: ``n - n_noisy`` responses per prompt on the clean image, ``n_noisy`` on a
     noised copy (``generate(prompts, keys, n)`` is the trainer's rollout). The responses are later
-    scored and updated against the clean image, like every other."""
+    scored and updated against the clean image, like every other.
+
+    ``one_decode`` (the rollout takes one count per prompt): the clean and the noised prompts go
+    through one call, prompt i's clean copy then its noised copy, with ``n - n_noisy`` and
+    ``n_noisy`` responses, so the rows come out in :func:`interleave_rollouts`' layout. Each
+    copy keeps its key (the noised one ``(*key, 1)``), so a rollout seeded per key gives the
+    same responses either way; an unseeded one draws from the same distribution.
+    """
     if n_noisy <= 0:
         return generate(prompts, keys, n)
+    noisy_images = noised_images(images, keys, seed, signal=signal, noise_std=noise_std)
+    noisy_keys = [(*k, 1) for k in keys]
+    if one_decode and n_noisy < n:
+        both = encode_prompts(
+            processor,
+            [m for m in messages for _ in range(2)],
+            [im for pair in zip(images, noisy_images) for im in pair],
+        )
+        rollout = generate(
+            both,
+            [k for pair in zip(keys, noisy_keys) for k in pair],
+            [n - n_noisy, n_noisy] * len(keys),
+        )
+        return dataclasses.replace(
+            rollout, n=n, prompt_index=torch.arange(len(keys)).repeat_interleave(n)
+        )
     clean = generate(prompts, keys, n - n_noisy) if n_noisy < n else None
-    noisy_prompts = encode_prompts(
-        processor, messages, noised_images(images, keys, seed, signal=signal, noise_std=noise_std)
-    )
-    noisy = generate(noisy_prompts, [(*k, 1) for k in keys], n_noisy)
+    noisy = generate(encode_prompts(processor, messages, noisy_images), noisy_keys, n_noisy)
     return interleave_rollouts(clean, noisy, prompts.pad_token_id)
 
 

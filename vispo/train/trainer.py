@@ -445,6 +445,8 @@ class Trainer:
                     seed=cfg.train.seed,
                     n=cfg.rollout.n,
                     **noisy_rollout_plan(ocfg, cfg.rollout.n, self.step_count / cfg.train.steps),
+                    one_decode=cfg.rollout.batch_invariant
+                    or getattr(self.rollout_backend, "per_prompt_counts", False),
                 )
             tb = time.perf_counter()
             per_seq = [s for s in samples for _ in range(cfg.rollout.n)]
@@ -546,7 +548,8 @@ class Trainer:
         return [mine[k] for k in wanted]
 
     def _rollout(self, prompts, keys, n=None):
-        """n responses per prompt; batch-invariant mode seeds each prompt on its own."""
+        """n responses per prompt (or one count per prompt); batch-invariant mode seeds each
+        prompt on its own."""
         r = self.cfg.rollout
         kw = dict(
             n=r.n if n is None else n,
@@ -557,13 +560,15 @@ class Trainer:
         )
         if not r.batch_invariant:
             return self.rollout_backend.generate(prompts, **kw)
+        counts = [kw.pop("n")] * len(keys) if isinstance(kw["n"], int) else kw.pop("n")
         parts = [
             self.rollout_backend.generate(
                 B.trim_left_padding(prompts.select([i])),
                 seed=int(B.prompt_rng(self.cfg.train.seed, key, 1).integers(2**62)),
+                n=count,
                 **kw,
             )
-            for i, key in enumerate(keys)
+            for i, (key, count) in enumerate(zip(keys, counts))
         ]
         return concat_rollouts(parts, prompts.pad_token_id)
 
