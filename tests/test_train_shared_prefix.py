@@ -63,8 +63,35 @@ def test_a_step_with_the_shared_prefix_equals_the_plain_step(tmp_path, preset):
     assert sorted(moved)[len(moved) // 2] < 1e-6
 
 
-def test_shared_prefix_falls_back_with_activation_checkpointing(tmp_path):
+def test_a_checkpointed_step_with_the_shared_prefix_equals_the_plain_step(tmp_path):
+    """Activation checkpointing keeps the shared prefix (auto turns it on) and the step equals
+    the plain checkpointed step."""
+    extra = ("model.gradient_checkpointing=true",)
+    runs = {}
+    for shared in ("off", "auto"):
+        trainer = _trainer(tmp_path, "grpo", shared, *extra)
+        assert trainer.shared_prefix == (shared == "auto")
+        metrics = trainer.step()
+        runs[shared] = (metrics, dict(trainer.model.named_parameters()))
+    (m_off, w_off), (m_on, w_on) = runs["off"], runs["auto"]
+    for key, value in m_off.items():
+        if not key.startswith(TIMING):
+            assert m_on[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    moved = [(w_on[n] - w_off[n]).abs().max().item() for n in w_off if w_off[n].requires_grad]
+    assert sorted(moved)[len(moved) // 2] < 1e-6
+
+
+def test_shared_prefix_on_fails_with_reentrant_checkpointing(tmp_path, monkeypatch):
+    from vispo.models import adapt
+
+    def reentrant(model):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True}
+        )
+        return model
+
+    monkeypatch.setattr(adapt, "enable_gradient_checkpointing", reentrant)
     extra = ("model.gradient_checkpointing=true",)
     assert _trainer(tmp_path, "grpo", "auto", *extra).shared_prefix is False
-    with pytest.raises(ConfigError, match="checkpointing"):
+    with pytest.raises(ConfigError, match="reentrant"):
         _trainer(tmp_path, "grpo", "on", *extra)
