@@ -173,7 +173,10 @@ class TrainConfig:
     prompts_per_step: int = _f(16, "Prompts per step; each gets rollout.n responses.")
     ppo_epochs: int = _f(1, "Passes over each step's rollouts.")
     mini_batch_size: int | None = _f(
-        None, "Sequences per optimizer step (default: all of the step's sequences)."
+        None,
+        "Sequences per optimizer step (default: all of the step's sequences). Each PPO epoch "
+        "shuffles whole groups, so with a multiple of rollout.n (and such micro-batches) every "
+        "group stays in one micro-batch with its prompt.",
     )
     micro_batch_size: int | None = _f(
         None, "Sequences per forward/backward (gradient accumulation; default: mini-batch)."
