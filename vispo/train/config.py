@@ -211,9 +211,9 @@ class TrainConfig:
         "scoring and update forward runs the distinct prompts once and the responses against "
         "their keys and values (gradients of all of a prompt's responses flow back into it "
         "once). Same samples, log-probs and gradients as 'off' up to float rounding (tested). "
-        "Works with (non-reentrant) activation checkpointing. 'auto': on, except under a "
-        "sharded strategy (fsdp2, zero2, zero3) or reentrant checkpointing, which fall back "
-        "to 'off' with a logged reason; 'on': those are errors.",
+        "Works with (non-reentrant) activation checkpointing and every strategy (ddp, fsdp2, "
+        "zero2, zero3). 'auto': on, except with reentrant checkpointing, which falls back to "
+        "'off' with a logged reason; 'on': that is an error.",
     )
     strategy: str = _f(
         "auto",

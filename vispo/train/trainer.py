@@ -327,8 +327,6 @@ class Trainer:
         if setting == "off":
             return False
         reason = shared_prefix_unsupported(self.model)
-        if reason is None and self.strategy in ("fsdp2", "zero2", "zero3"):
-            reason = f"not verified under train.strategy={self.strategy}"
         if reason is None:
             return True
         if setting == "on":
