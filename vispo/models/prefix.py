@@ -72,7 +72,10 @@ def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
     if not layers:
         return None
     if not hasattr(type(layers[0]), "_can_checkpoint_with_cache"):
-        return "this transformers drops the KV cache in checkpointed layers (needs >= 5.2x)"
+        return (
+            "this transformers drops the KV cache in checkpointed layers "
+            "(no GradientCheckpointingLayer._can_checkpoint_with_cache)"
+        )
     for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
         if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
