@@ -129,6 +129,9 @@ def main() -> None:
     )
     out = Path(a.out)
     (out / f"trained-rank{trainer.dist.rank}.json").write_text(json.dumps(trained))
+    (out / f"shared-prefix-rank{trainer.dist.rank}.json").write_text(
+        json.dumps(trainer.shared_prefix)
+    )
     if trainer.dist.main:
         (out / "history.json").write_text(json.dumps(history))
         save_file(

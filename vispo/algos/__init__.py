@@ -8,6 +8,7 @@ from .advantages import (
     dynamic_sampling_keep,
     group_advantages,
     overlong_penalty,
+    refill_size,
     zero_std_group_fraction,
 )
 from .aggregate import AGG_MODES, aggregate, masked_mean
@@ -83,6 +84,7 @@ __all__ = [
     "noise_decay",
     "noisy_rollout_plan",
     "noisy_rollout_scales",
+    "refill_size",
     "objective_preset",
     "overlong_penalty",
     "papo_perception_loss",
