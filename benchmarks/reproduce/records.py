@@ -45,6 +45,23 @@ def spec_document(spec: RunSpec, settings: Settings) -> dict:
     return {"run": spec.to_json(), "settings": settings.to_json()}
 
 
+def code_version() -> str | None:
+    """The commit the run's code came from (``git describe --always --dirty``), None outside a
+    git checkout: a record says which code produced it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write atomically (a crash leaves the old file or the new one, never half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)

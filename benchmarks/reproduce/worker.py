@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .plan import IMAGE_MODES, ReproError, RunSpec, Settings, eval_options, run_tree
-from .records import SCHEMA, pack_bits, write_json
+from .records import SCHEMA, code_version, pack_bits, write_json
 
 TEST_BENCH = "easy-vqa"
 CF_BENCH = "easy-vqa-cf"
@@ -71,6 +71,7 @@ def worker(run_dir: Path) -> int:
         "settings": settings.to_json(),
         "resolved": job["resolved"],
         "status": status,
+        "code": code_version(),
         "config": tree,
         "final": final,
         "train": train,
