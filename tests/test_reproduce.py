@@ -201,7 +201,7 @@ def test_estimate_wall_time_schedules_runs_on_workers():
     assert max(one) <= two < sum(one)
     tune = next(s for s in plan if s.kind == "tune")
     grpo = next(s for s in plan if s.name == "grpo-s0")
-    final = (3 * 3000 + SCH.CF_SIZE) * SCH.EVAL_S_PER_Q  # tuning runs touch no test question
+    final = (3 * SETTINGS.test_limit + SCH.CF_SIZE) * SCH.EVAL_S_PER_Q  # tuning runs touch no test question
     assert math.isclose(
         SCH.estimate_run_s(grpo, SETTINGS) - SCH.estimate_run_s(tune, SETTINGS), final
     )

@@ -14,7 +14,7 @@ without noise are GRPO's and DAPO's runs, whose configs are identical). Curves a
 the validation split; the test split once per run, at the end, with the real, a gray and
 another sample's image, plus ``easy-vqa-cf``.
 
-Sizes chosen to fit about 2 hours on 2 cores (``--jobs 2``): the first 3,000 of the 9,673 test
+Sizes chosen to fit about 2 hours on 2 cores (``--jobs 2``): the first 2,000 of the 9,673 test
 questions per image mode, all 856 counterfactual questions, the curve on the first 500 of the
 1,005 validation questions every 10 steps, 60 steps per run.
 

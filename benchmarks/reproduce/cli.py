@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated run-name patterns (glob, or substring), e.g. "
                    "'before-rl,tune-*,grpo-*'")  # fmt: skip
     p.add_argument("--steps", type=int, help="RL steps per run (default: the quickstart's, 60)")
-    p.add_argument("--test-limit", type=int, help="easy-vqa test questions per mode (3000)")
+    p.add_argument("--test-limit", type=int, help="easy-vqa test questions per mode (2000)")
     p.add_argument("--curve-size", type=int, help="validation questions of the curve (500)")
     p.add_argument("--eval-every", type=int, help="steps between validation evaluations (10)")
     p.add_argument("--quick", action="store_true", help="smoke run: 9 runs of 2 steps")

@@ -151,7 +151,7 @@ class Settings:
     """
 
     steps: int = 60
-    test_limit: int | None = 3000
+    test_limit: int | None = 2000
     cf_limit: int | None = None
     curve_size: int = 500
     eval_every: int = 10
