@@ -25,11 +25,14 @@ PRESET_COMPARED = {
     "cppo": COMMON + ["loss/ref_kl", "loss/cpl", "perception/selected_frac"],
     "dapo": COMMON
     + ["dynamic_sampling/rounds", "dynamic_sampling/kept_frac", "dynamic_sampling/groups_short"],
+    # REINFORCE++ whitens over the whole batch: each rank must see the other's rewards.
+    "reinforce_pp": COMMON,
 }
 ARGS = {
     "papo_g": [],
     "cppo": ["--preset", "cppo"],
     "dapo": ["--preset", "dapo", "--reward", "scripted"],
+    "reinforce_pp": ["--override", "objective.advantage=reinforce_pp"],
 }
 
 

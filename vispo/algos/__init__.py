@@ -19,7 +19,7 @@ from .entropy import (
     sampled_entropy,
     selective_log_softmax,
 )
-from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate
+from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate, needs_batch_statistics
 from .kl import full_kl, kl_estimate
 from .noisy_rollout import noise_decay, noisy_rollout_scales
 from .objective import (
@@ -65,6 +65,7 @@ __all__ = [
     "ObjectiveInputs",
     "Requirements",
     "advantage_estimate",
+    "needs_batch_statistics",
     "aggregate",
     "aggregate_total",
     "compute_objective",

@@ -526,6 +526,7 @@ class Trainer:
             scale=ocfg.adv_scale,
             eps=ocfg.adv_eps,
             estimator=ocfg.advantage,
+            gather_rows=self.dist.gather_rows,
         )
         metrics = {
             "dynamic_sampling/rounds": float(rounds),
