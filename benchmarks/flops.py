@@ -200,10 +200,13 @@ def groups_of(batch, rows: torch.Tensor | None = None) -> list[Group]:
     return out
 
 
-def phase_flops(model, step, cfg, req) -> dict[str, float]:
+def phase_flops(s: Shapes, step, cfg, req) -> dict[str, float]:
     """The floor FLOPs of a trainer step's rollout, score and update phases (the batch it
-    trains on: dynamic sampling's dropped groups and refill rounds are not charged)."""
-    s, batch = Shapes.of(model), step.batch
+    trains on: dynamic sampling's dropped groups and refill rounds are not charged).
+
+    `step`: the trainer's step batch (``batch``, ``advantages``); `cfg`: its config; `req`:
+    its objective's :class:`vispo.algos.Requirements`."""
+    batch = step.batch
     groups = groups_of(batch)
     one = forward(s, groups)
     images = 1 + (cfg.objective.noisy_frac > 0)  # NoisyRollout: a noisy copy of each image
