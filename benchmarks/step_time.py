@@ -210,9 +210,12 @@ def trainer_for(
 
 def floor_flops(trainer: Trainer) -> dict[str, float]:
     """The floor FLOPs of the last step's phases (benchmarks/flops.py)."""
+    return phase_flops(model_shapes(trainer), trainer._last_step, trainer.cfg, trainer.req)
+
+
+def model_shapes(trainer: Trainer) -> Shapes:
     model = trainer.model  # unwrapped; a PEFT model's base holds the shapes
-    shapes = Shapes.of(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return phase_flops(shapes, trainer._last_step, trainer.cfg, trainer.req)
+    return Shapes.of(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def measure(
@@ -226,8 +229,12 @@ def measure(
 ) -> dict:
     """One configuration in this process: a warm-up step, then `steps` measured steps; the
     floor's FLOPs are counted on the last step's batch, and the matmul throughput is measured
-    after the steps (peak memory is read before it)."""
+    before and after the steps (the higher of the two: a contended moment lowers it; peak
+    memory is read before the second probe)."""
     trainer = trainer_for(preset, out, seed, extra, workload)
+    shapes = model_shapes(trainer)
+    with_floor = with_floor and trainer.dist.device.type == "cpu"
+    before = matmul_throughput(matmul_shapes(shapes))["peak"] if with_floor else 0.0
     trainer.step()  # warm-up
     records = [trainer.step() for _ in range(steps)]
     med = {k: statistics.median(r[k] for r in records) for k in PHASES}
@@ -235,12 +242,10 @@ def measure(
     med["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if trainer.dist.device.type == "cuda":
         med["peak_gpu_gib"] = torch.cuda.max_memory_allocated(trainer.dist.device) / 2**30
-    if with_floor and trainer.dist.device.type == "cpu":
+    if with_floor:
         for phase, flops in floor_flops(trainer).items():
             med[f"flops/{phase}"] = flops
-        model = trainer.model
-        model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        med["matmul_flops"] = matmul_throughput(matmul_shapes(Shapes.of(model)))["peak"]
+        med["matmul_flops"] = max(before, matmul_throughput(matmul_shapes(shapes))["peak"])
     return med
 
 
@@ -388,7 +393,8 @@ def report(rows: dict, scaling: dict, args) -> str:
             "the LM head only where logits are needed; backward = 2 x forward; rollout: the "
             "batch trained on, so dynamic sampling's refills are not charged), divided by this "
             "machine's dense float32 matmul throughput, measured in each configuration's "
-            f"process after its steps ({min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s "
+            "process before and after its steps (the higher of the two; "
+            f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s "
             "over the configurations; the best of the model's MLP, LM-head and vision-qkv "
             "shapes at 1,024 rows). floor s = the step's floor FLOPs at that throughput; "
             "phase % = floor FLOPs / (phase seconds x throughput), the achieved fraction.",
