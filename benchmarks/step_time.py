@@ -360,6 +360,8 @@ def report(rows: dict, scaling: dict, args) -> str:
             f"{args.threads} threads, torch {torch.__version__}; {image} image tokens per "
             f"prompt, {prompts} prompts x {n} rollouts x 64 tokens"
         )
+    if getattr(args, "quick", False):
+        where = f"{args.threads} threads; QUICK smoke run (tiny model, 4 prompts x 2 x 8 tokens)"
     peaks = [r["matmul_flops"] for r in rows.values() if "matmul_flops" in r]
     lines = [
         f"# Step time and peak memory per objective ({TITLES[args.workload]} workload)",
