@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vispo-installed
 THREADS ?= 2
 
-.PHONY: install test test-slow lint demo tiny-model bench bench-gpu reproduce faults clean
+.PHONY: install test test-slow lint demo tiny-model bench bench-extra bench-gpu reproduce faults clean
 
 install: $(STAMP)
 
@@ -56,13 +56,26 @@ demo: install
 tiny-model: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) scripts/build_tiny_model.py --out vispo/assets/vispo-tiny
 
-# The CPU benchmark suite (issue 7; ~26 min on 2 cores): rewrites benchmarks/results/*.md.
+# The CPU benchmark suite (issues 7 and 18; estimated 27-30 min on 2 quiet cores): rewrites
+# benchmarks/results/step_time.md, step_time_vision.md, peer_trl.md and peer_trl_vision.md:
+# every preset on the standard and the vision-heavy workload with the FLOP floor, and TRL's
+# GRPOTrainer on both, one measured step after a warm-up each. BENCH_STEPS=3 gives steadier
+# medians (about twice as long); PEER_BETAS=0,0.01 adds the beta-0 TRL rows (~2 min more).
+# bench-extra (~16 min): the speed levers, the chunked log-probs and the shared-prefix scaling
+# table (levers.md, chunked_logprobs.md, shared_prefix.md).
+BENCH_STEPS ?= 1
+PEER_BETAS ?= 0.01
 bench: install
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py --steps $(BENCH_STEPS) --scaling-steps 1
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/step_time.py --workload vision-heavy --steps $(BENCH_STEPS)
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off --betas $(PEER_BETAS) --steps $(BENCH_STEPS)
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --workload vision-heavy --checkpointing off --betas 0.01 --steps $(BENCH_STEPS)
+
+bench-extra: install
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/levers.py
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/peer_trl.py --checkpointing off --steps 2
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/chunked_logprobs.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/shared_prefix.py
 
 # The GPU variant of the step-time suite (a ~0.7B model, 512-token responses, bf16 autocast);
 # needs a CUDA build of torch. Writes benchmarks/results/step_time_gpu.md.
@@ -72,7 +85,7 @@ bench-gpu: install
 # Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
 # docs/results.md and docs/results_curves.png.
 reproduce: install
-	OMP_NUM_THREADS=1 $(PY) benchmarks/reproduce.py --jobs 2
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,10 @@
-"""vispo GRPO against TRL's GRPOTrainer on the standard CPU workload (issue 7, item 2).
+"""vispo GRPO against TRL's GRPOTrainer on the CPU workloads (issue 7, item 2; issue 18).
+
+Two workloads (``--workload``, both defined in step_time.py): the standard one (16 prompts x 5
+completions, 4 image tokens; results in peer_trl.md) and the vision-heavy one (8 prompts x 8
+completions, 256 image tokens per prompt; results in peer_trl_vision.md), where vispo computes
+each prompt once per group (``train.shared_prefix=auto``; the equivalence check scores with it)
+and TRL once per completion. The description below gives the standard workload's sizes.
 
 Fair before fast, in two parts:
 
@@ -35,6 +41,8 @@ the same seeded reward stream.
     python benchmarks/peer_trl.py                     # standard workload, 3 measured steps
     python benchmarks/peer_trl.py --checkpointing off # only the four configurations, no recompute
     python benchmarks/peer_trl.py --quick --steps 1 --threads 1    # small model, smoke run
+    python benchmarks/peer_trl.py --workload vision-heavy --checkpointing off --betas 0.01 \
+        --steps 1                                       # issue 18's workload, GRPO's beta
 
 Needs ``trl==1.16.0`` (without its ``vlm`` extra). Writes benchmarks/results/peer_trl.md
 (``--quick``: /tmp/peer_trl_quick.md unless ``--results`` says otherwise).
@@ -47,7 +55,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -63,11 +70,14 @@ from transformers import TrainerCallback
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import peer_trl_report as _report  # noqa: E402
+from peer_trl_report import fmt  # noqa: E402
 from step_time import (  # noqa: E402  (the one workload definition)
+    BATCH,
     BernoulliReward,
-    standard_model,
     workload_overrides,
 )
+from step_time import standard_model as _standard_model  # noqa: E402
 
 from vispo.algos import (  # noqa: E402
     ObjectiveInputs,
@@ -89,15 +99,31 @@ from vispo.train.trainer import Trainer  # noqa: E402
 
 RESULTS = HERE / "results"
 PROMPTS, N, TOKENS = 16, 5, 64  # prompts per step, completions per prompt, new tokens
+WORKLOAD = "cpu"  # step_time.py's name of the standard workload
+
+
+def set_workload(name: str) -> None:
+    """Select the workload of this process: its prompts per step and completions per prompt
+    (``PROMPTS``, ``N``), its model and config (``standard_model``, ``vispo_config``)."""
+    global PROMPTS, N, WORKLOAD
+    WORKLOAD = "cpu" if name == "standard" else name
+    PROMPTS, N = BATCH[WORKLOAD]
+
+
+def standard_model(seed: int, quick: bool = False):
+    """The workload's model (step_time.standard_model)."""
+    return _standard_model(seed, quick=quick, workload=WORKLOAD)
+
+
 CLIP_LOW, CLIP_HIGH = 0.2, 0.3  # vispo's grpo preset
 TRL_STD_EPS = 1e-4  # TRL divides by (std + 1e-4); vispo's default adv_eps is 1e-6
 
 
-def configs(checkpointing: str) -> list[tuple[str, float, bool]]:
-    """(system, beta, activation checkpointing) in run order: the four configurations
+def configs(checkpointing: str, betas=(0.0, 0.01)) -> list[tuple[str, float, bool]]:
+    """(system, beta, activation checkpointing) in run order: the configurations
     interleaved, without checkpointing (vispo's default) and/or with it (TRL's default)."""
     regimes = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
-    return [(role, beta, ck) for ck in regimes for beta in (0.0, 0.01) for role in ("vispo", "trl")]
+    return [(role, beta, ck) for ck in regimes for beta in betas for role in ("vispo", "trl")]
 
 
 # --- the workload, shared by both sides ------------------------------------------------------
@@ -105,7 +131,7 @@ def configs(checkpointing: str) -> list[tuple[str, float, bool]]:
 
 def vispo_config(beta: float, out: Path, seed: int, steps: int):
     """The config of ``step_time.trainer_for`` with the reference-KL weight set."""
-    overrides = workload_overrides("grpo", out, seed, steps=max(steps, 2))
+    overrides = workload_overrides("grpo", out, seed, steps=max(steps, 2), workload=WORKLOAD)
     return load_config(None, [*overrides, f"objective.beta={beta}"])
 
 
@@ -200,7 +226,7 @@ def reference_dir(model, args, out: Path) -> None:
     so that serialising them does not count in this process's peak memory."""
     path = out / "init"
     cmd = [sys.executable, __file__, "--worker", "save", "--json", str(path), "--seed"]
-    cmd += [str(args.seed)] + (["--quick"] if args.quick else [])
+    cmd += [str(args.seed), "--workload", args.workload] + (["--quick"] if args.quick else [])
     subprocess.run(cmd, check=True, capture_output=True)
     model.config._name_or_path = str(path)
 
@@ -352,12 +378,12 @@ def equivalence(args, out: Path) -> dict:
         vispo_prompt_ids[i // N] for i in range(PROMPTS * N)
     ]
     batch = vispo_batch(None)
-    ref_logp = score(ref, batch, [None])[0].logp
+    ref_logp = score(ref, batch, [None], shared_prefix=True)[0].logp
     adv_matched = group_advantages(rewards, groups, eps=TRL_STD_EPS)
     adv_default = group_advantages(rewards, groups, eps=1e-6)
     results["advantages_max_abs_diff"] = float((full["advantages"] - adv_matched).abs().max())
     results["ref_logp_max_abs_diff"] = float((full["ref_per_token_logps"] - ref_logp).abs().max())
-    logp = score(policy, batch, [None], grad=True)[0].logp
+    logp = score(policy, batch, [None], grad=True, shared_prefix=True)[0].logp
     # vispo clamps k3 (log-ratio to +-20, value to <= 10), TRL does not: the same function
     # wherever the clamp does not bind.
     d = (ref_logp - logp.detach())[batch.response_mask.bool()]
@@ -382,6 +408,8 @@ def equivalence(args, out: Path) -> dict:
         "on-policy loss is 0 by construction (group advantages sum to "
         "0 over equal lengths); compare the gradients",
     )
+    if args.equivalence == "matched":  # the matched rows only (the vision-heavy workload)
+        return results
     row(
         "beta 0.01: TRL loss_type grpo (loss only)",
         (trl_loss(full, loss_type="grpo", grad=False)[0], t_b1[1]),
@@ -431,8 +459,8 @@ def equivalence(args, out: Path) -> dict:
     # Variable lengths: TRL dapo = vispo token-mean, TRL grpo = vispo seq-mean-token-mean.
     var, _ = trl_inputs(lengths)
     vbatch = vispo_batch(lengths)
-    vref = score(ref, vbatch, [None])[0].logp
-    vlogp = score(policy, vbatch, [None], grad=True)[0].logp
+    vref = score(ref, vbatch, [None], shared_prefix=True)[0].logp
+    vlogp = score(policy, vbatch, [None], grad=True, shared_prefix=True)[0].logp
     vx = ObjectiveInputs(
         logp=vlogp, advantages=adv_matched, mask=vbatch.response_mask, ref_logp=vref
     )
@@ -582,6 +610,7 @@ def run_trl(args, beta: float, out: Path) -> dict:
 
 
 def worker(args) -> None:
+    set_workload(args.workload)
     torch.set_num_threads(args.threads)
     if args.worker == "save":  # the initial weights, for TRL's reference model
         standard_model(args.seed, quick=args.quick)[0].save_pretrained(args.json)
@@ -619,6 +648,10 @@ def spawn(args, role: str, beta: float = 0.0, ckpt: bool = False) -> dict:
             str(args.seed),
             "--json",
             path,
+            "--workload",
+            args.workload,
+            "--equivalence",
+            args.equivalence,
         ]
         + (["--quick"] if args.quick else [])
         + (["--ckpt"] if ckpt else [])
@@ -647,169 +680,9 @@ def spawn(args, role: str, beta: float = 0.0, ckpt: bool = False) -> dict:
 # --- report ----------------------------------------------------------------------------------
 
 
-def fmt(v, spec=".2e") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def report(args, equiv: dict | None, timing: dict) -> str:
-    import transformers
-
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = "not installed"
-    order = (
-        ", then the same with activation checkpointing" if len({k[2] for k in timing}) > 1 else ""
-    )
-    label = (
-        "QUICK smoke run (default tiny model, not the standard workload)"
-        if args.quick
-        else "standard CPU workload (issue 7)"
-    )
-    threads = sorted({r["threads"] for r in timing.values()} | {args.threads})
-    lines = [
-        "# vispo GRPO vs TRL GRPOTrainer",
-        "",
-        f"{label}: 16 easy-vqa prompts x 5 completions of exactly 64 tokens per step, "
-        "temperature 1.0, lr 1e-6, seeded Bernoulli(0.5) reward, float32, no vLLM.",
-        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
-        f"{'/'.join(map(str, threads))} torch threads (as each process reported); "
-        f"{platform.machine()} ({os.cpu_count()} cores visible), "
-        f"{platform.platform()}. Each configuration ran in its own process, interleaved "
-        f"(vispo b0, TRL b0, vispo b0.01, TRL b0.01{order}); median of {args.steps} measured "
-        f"step{'s' if args.steps > 1 else ''} after one warm-up step. Peak RSS = the process's ru_maxrss (model build, data and the steps). "
-        "Activation checkpointing: vispo's default is off (`model.gradient_checkpointing`), "
-        "TRL's GRPOConfig default is on; each regime is run with the same setting on both sides.",
-        "",
-    ]
-    if args.note:
-        lines += [f"**{args.note}**", ""]
-    lines += [
-        "Matched configuration:",
-        "",
-        "- vispo: `Trainer` with the `grpo` preset as in `step_time.py` (clip 0.2/0.3, dual clip "
-        "3.0, k3 reference KL, token-mean, adv_eps 1e-6), AdamW lr 1e-6 constant, weight decay "
-        "0.01, gradient clip 1.0.",
-        '- TRL `GRPOConfig`: `loss_type="dapo"` (= vispo\'s token-mean), `scale_rewards="group"`, '
-        "`epsilon=0.2`, `epsilon_high=0.3`, `beta`, `use_bias_correction_kl=False`, "
-        "`temperature=1.0`, `top_p=1.0`, `top_k=0`, `generation_kwargs={min_new_tokens: 64, "
-        "suppress_tokens: vispo's image-placeholder ids}`, `max_completion_length=64`, "
-        "`per_device_train_batch_size=80`, `num_generations=5`, no gradient accumulation, "
-        "lr 1e-6 constant, weight decay 0.01, `max_grad_norm=1.0`, `bf16=False`, no vLLM; the "
-        "dataset holds vispo's sampler order (`shuffle_dataset=False`), so each step sees the "
-        "same 16 prompts; the same seeded reward stream; the reference model is loaded from the "
-        "policy's saved initial weights (TRL builds it from `config._name_or_path`).",
-        "- Left as each library does it: TRL's fused LM head scores every position on a device "
-        "without Triton (all ~97 prompt + response positions per sequence here; vispo: the 65 "
-        "that predict response tokens) "
-        "and always computes entropies; TRL runs the processor again for the training forward. "
-        "vispo's dual clip never binds on-policy (ratio 1), so the losses agree (part 1).",
-        "",
-    ]
-    if args.trl_set:
-        lines += [
-            f"**TRL overrides (NOT the matched configuration): {args.trl_set}**",
-            "",
-        ]
-    if timing:
-        lines += [
-            "## Step time and peak memory",
-            "",
-            "| activation checkpointing | beta | vispo s/step | TRL s/step | vispo / TRL time | "
-            "vispo peak RSS MiB | TRL peak RSS MiB | vispo / TRL memory | "
-            "mean completion tokens (vispo, TRL) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for ckpt, beta in [(ck, b) for ck in (False, True) for b in (0.0, 0.01)]:
-            v, t = timing.get(("vispo", beta, ckpt)), timing.get(("trl", beta, ckpt))
-            if v is None or t is None:
-                continue
-            vs, ts = statistics.median(v["steps"]), statistics.median(t["steps"])
-            lines.append(
-                f"| {'on' if ckpt else 'off'} | {beta:g} | {vs:.2f} | {ts:.2f} | **{vs / ts:.2f}** | {v['peak_rss_mib']:.0f} | "
-                f"{t['peak_rss_mib']:.0f} | **{v['peak_rss_mib'] / t['peak_rss_mib']:.2f}** | "
-                f"{v['mean_length']:.1f}, {t['mean_length']:.1f} |"
-            )
-        lines += ["", "Phase split (median seconds per step; each system's own phases):", ""]
-        lines += ["| system | checkpointing | beta | phases |", "|---|---|---|---|"]
-        for (role, beta, ckpt), r in timing.items():
-            keys = r["phases"][0].keys()
-            med = {k: statistics.median(p[k] for p in r["phases"]) for k in keys}
-            total = statistics.median(r["steps"])
-            parts = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in med.items())
-            lines.append(f"| {role} | {'on' if ckpt else 'off'} | {beta:g} | {parts} |")
-        lines += [
-            "",
-            "Peak RSS (MiB) before the first step (imports, model, data, trainer set-up) and, for "
-            "TRL, right after each phase of the warm-up step (ru_maxrss is monotone: the phase "
-            "that raises it holds the peak):",
-            "",
-            "| system | checkpointing | beta | before step 1 | peak | TRL after generate / score / "
-            "policy forward / step end |",
-            "|---|---|---|---|---|---|",
-        ]
-        for (role, beta, ckpt), r in timing.items():
-            after = r.get("rss_after", {})
-            keys = [k for k in ("generate", "score", "policy_forward", "step_end") if k in after]
-            parts = " / ".join(f"{after[k][0]:.0f}" for k in keys)
-            lines.append(
-                f"| {role} | {'on' if ckpt else 'off'} | {beta:g} | {r['setup_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
-                f"{parts or '-'} |"
-            )
-        lines += [
-            "",
-            "TRL phases: generate = `_generate_single_turn` (HF generate); score = the rest of "
-            "`_generate_and_score_completions` (prompt processing, reference forward, rewards, "
-            "advantages); policy_forward = `compute_loss`; backward_optimizer_other = the rest of "
-            "the step. vispo phases: its own `time/*` metrics (update = forward + backward + "
-            "optimizer).",
-            "",
-        ]
-    if equiv:
-        lines += [
-            "## Same loss on the same batch",
-            "",
-            "One batch: 16 prompts x 5 completions of 64 tokens (one vispo rollout), fixed "
-            "Bernoulli rewards, a reference model that differs from the policy (weights + 50% "
-            "noise) so the KL term is not zero. TRL: its own `_generate_and_score_completions` "
-            "(generation replaced by the fixed completions) and `compute_loss`; vispo: "
-            "`encode_prompts` -> `score` -> `group_advantages(eps=1e-4)` -> `compute_objective` "
-            "(grpo preset, clip 0.2/0.3, k3). Gradients over all parameters, float32. Term "
-            "scale: the aggregate of the per-token terms' magnitudes (|A| ratio + beta k3); the "
-            "on-policy GRPO loss itself is a sum of +-|A| terms that cancels to ~0, so the loss "
-            "difference is judged against the size of what was summed.",
-            "",
-            f"- TRL tokenised the same prompt tokens as vispo: {equiv['same_prompt_tokens']}",
-            f"- advantages, max |TRL - vispo| (eps matched): {equiv['advantages_max_abs_diff']:.2e}",
-            f"- reference log-probs, max |TRL - vispo|: {equiv['ref_logp_max_abs_diff']:.2e}",
-            f"- off-policy check: {100 * equiv['off_policy_clipped_frac']:.1f}% of tokens clipped",
-            f"- reference KL (k3) mean {equiv['k3_mean']:.4f}; tokens where vispo's k3 clamp "
-            f"binds (TRL has none): {equiv['k3_clamped_tokens']}",
-            "",
-            "| check | TRL loss | vispo loss | loss diff | loss diff / term scale | max abs grad |"
-            " max grad diff | grad diff / max grad | note |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in equiv["rows"]:
-            lines.append(
-                f"| {r['check']} | {r['trl_loss']:.8g} | {r['vispo_loss']:.8g} | "
-                f"{fmt(r['loss_abs_diff'])} | {fmt(r['loss_rel_diff'])} | "
-                f"{fmt(r['grad_max_abs'])} | {fmt(r['grad_max_abs_diff'])} | "
-                f"{fmt(r['grad_rel_diff'])} | {r['note']} |"
-            )
-        lines += [
-            "",
-            "Loss-type mapping: vispo's grpo preset aggregates with `token-mean` over the whole "
-            'mini-batch = TRL `loss_type="dapo"` (global token count) = `"bnpo"` (one '
-            'process, no accumulation); TRL `"grpo"` (mean over sequences of the per-sequence '
-            "token mean) = vispo `agg=seq-mean-token-mean`. With every completion exactly 64 "
-            "tokens (this workload) the three give the same loss; the timed TRL runs use "
-            "`dapo`.",
-            "",
-        ]
-    return "\n".join(lines) + "\n"
+    """The markdown report (benchmarks/peer_trl_report.py) of this process's workload."""
+    return _report.report(args, equiv, timing, workload=WORKLOAD, prompts=PROMPTS, n=N)
 
 
 def parse_setting(parser, item: str) -> tuple[str, object]:
@@ -831,6 +704,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small model: a smoke run in minutes")
     p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument(
+        "--workload",
+        choices=("standard", "vision-heavy"),
+        default="standard",
+        help="standard (peer_trl.md) or vision-heavy (peer_trl_vision.md): step_time.py's",
+    )
+    p.add_argument(
+        "--betas",
+        default="0,0.01",
+        help="reference-KL weights of the timed configurations (comma-separated; the grpo "
+        "preset's is 0.01)",
+    )
+    p.add_argument(
+        "--equivalence",
+        choices=("all", "matched"),
+        default=None,
+        help="the loss/gradient checks: all rows, or only the two matched ones (beta 0.01 and "
+        "0; default for the vision-heavy workload, whose TRL passes are slow)",
+    )
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--results", default=None, help="markdown output path")
     p.add_argument("--note", default="", help="a line to put at the top of the report")
@@ -858,6 +750,10 @@ def main() -> None:
     if args.steps < 1:
         p.error("--steps must be >= 1")
     args.trl_set = dict(parse_setting(p, item) for item in args.trl_set)
+    args.betas = [float(b) for b in args.betas.split(",")]
+    if args.equivalence is None:
+        args.equivalence = "matched" if args.workload == "vision-heavy" else "all"
+    set_workload(args.workload)
     if args.worker:
         worker(args)
         return
@@ -873,7 +769,7 @@ def main() -> None:
             )
     timing: dict = {}
     if not args.skip_timing:
-        for role, beta, ckpt in configs(args.checkpointing):
+        for role, beta, ckpt in configs(args.checkpointing, args.betas):
             r = spawn(args, role, beta, ckpt)
             timing[(role, beta, ckpt)] = r
             print(
@@ -887,7 +783,11 @@ def main() -> None:
     path = (
         Path(args.results)
         if args.results
-        else (Path("/tmp/peer_trl_quick.md") if args.quick else RESULTS / "peer_trl.md")
+        else (
+            Path("/tmp/peer_trl_quick.md")
+            if args.quick
+            else RESULTS / ("peer_trl_vision.md" if WORKLOAD == "vision-heavy" else "peer_trl.md")
+        )
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -32,7 +32,7 @@ import statistics
 
 import torch
 from levers import timed  # benchmarks/ is on sys.path when run as a script
-from step_time import MODELS, RESULTS
+from step_time import MODELS, RESULTS, machine, pixels_for
 
 from vispo.data import get_template, load_builtin
 from vispo.models.scoring import build_scoring_batch, encode_prompts, score
@@ -43,8 +43,8 @@ from vispo.train.batch import image_budget, prepare_image
 
 def model_for(image_tokens: int, quick: bool):
     """The standard model with a pixel budget that gives exactly `image_tokens` per image."""
-    side = int(math.isqrt(image_tokens)) * 28  # patch 14 x merge 2
-    spec = dict(MODELS["cpu"], min_pixels=side * side, max_pixels=side * side)
+    pixels = pixels_for(image_tokens)
+    spec = dict(MODELS["cpu"], min_pixels=pixels, max_pixels=pixels)
     if quick:
         spec.update(hidden_size=96, num_layers=2, vision_depth=1, intermediate_size=128)
     return build_tiny_vlm(
@@ -157,6 +157,8 @@ def main() -> None:
         print(label, rows[label], flush=True)
     lines = [
         "# The image and the prompt computed once per group (`train.shared_prefix`)",
+        "",
+        f"Machine: {machine()}.",
         "",
         f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}; median of "
         f"{args.repeats} runs per path, off and on interleaved in one process; responses of "

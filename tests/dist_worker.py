@@ -63,7 +63,7 @@ class ScriptedReward:
         return self.runner(texts, answers, sample_ids=sample_ids, sid=sample_ids)
 
 
-def worker_config(out, strategy: str, steps: int, preset: str = "papo_g"):
+def worker_config(out, strategy: str, steps: int, preset: str = "papo_g", extra=()):
     """The tiny run every distributed test trains (batch-invariant rollouts, a checkpoint
     every step)."""
     return load_config(
@@ -85,6 +85,7 @@ def worker_config(out, strategy: str, steps: int, preset: str = "papo_g"):
             "train.save_every=1",
             f"train.strategy={strategy}",
             "train.device=cpu",
+            *extra,
         ],
     )
 
@@ -98,9 +99,10 @@ def main() -> None:
     p.add_argument("--interrupt-after", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--reward", choices=("parity", "scripted"), default="parity")
+    p.add_argument("--override", action="append", default=[], help="section.field=value")
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = worker_config(a.out, a.strategy, a.steps, a.preset)
+    cfg = worker_config(a.out, a.strategy, a.steps, a.preset, a.override)
     reward = (
         ScriptedReward() if a.reward == "scripted" else RewardRunner(parity_reward, num_workers=0)
     )
@@ -129,6 +131,9 @@ def main() -> None:
     )
     out = Path(a.out)
     (out / f"trained-rank{trainer.dist.rank}.json").write_text(json.dumps(trained))
+    (out / f"shared-prefix-rank{trainer.dist.rank}.json").write_text(
+        json.dumps(trainer.shared_prefix)
+    )
     if trainer.dist.main:
         (out / "history.json").write_text(json.dumps(history))
         save_file(

@@ -103,7 +103,13 @@ def main() -> None:
         (out / "history.json").write_text(json.dumps(history))
         (out / "final.safetensors").write_bytes(last.read_bytes())
         (out / "info.json").write_text(
-            json.dumps({"strategy": trainer.strategy, "engine": ds.is_engine(trainer.train_model)})
+            json.dumps(
+                {
+                    "strategy": trainer.strategy,
+                    "engine": ds.is_engine(trainer.train_model),
+                    "shared_prefix": trainer.shared_prefix,
+                }
+            )
         )
     if trainer.strategy == "zero3" and ds.is_engine(trainer.train_model):
         report = zero3_report(trainer)

@@ -18,14 +18,22 @@ from vispo.data import (
 )
 
 
+def _row(sample) -> int:
+    return int(sample.id.rsplit("/", 1)[1])
+
+
 @pytest.fixture(scope="module")
 def splits():
-    return easy_vqa("train"), easy_vqa("test")
+    """(the package's whole train split, in its order: vispo's train + validation; test)."""
+    package_train = sorted([*easy_vqa("train"), *easy_vqa("validation")], key=_row)
+    return package_train, easy_vqa("test")
 
 
 def test_easy_vqa_counts(splits):
     train, test = splits
     assert (len(train), len(test)) == (38_575, 9_673)
+    assert [_row(s) for s in train] == list(range(38_575))
+    assert (len(easy_vqa("train")), len(easy_vqa("validation"))) == (37_570, 1_005)
     assert len({s.question for s in train}) == 107
     assert {s.question for s in test} <= {s.question for s in train}
     assert len({s.id for s in train}) == len(train)
@@ -93,4 +101,4 @@ def test_registry_and_limits():
     with pytest.raises(ValueError, match=r"unknown built-in data set 'mnist'"):
         load_builtin("mnist")
     with pytest.raises(ValueError, match="split must be one of"):
-        easy_vqa("validation")
+        easy_vqa("val")

@@ -198,7 +198,12 @@ def test_zero2_two_ranks_equal_one_process_and_skip_a_bad_update_together(tmp_pa
     # (its loss and gradients stay finite): no rank may update; step 4 updates again.
     args = ["--strategy", "zero2", "--steps", "4", "--distrust-step", "3"]
     _run(tmp_path, *args, launcher=_torchrun())
-    assert json.loads((tmp_path / "info.json").read_text()) == {"strategy": "zero2", "engine": True}
+    # train.shared_prefix=auto: the shared-prefix forward runs under ZeRO too.
+    assert json.loads((tmp_path / "info.json").read_text()) == {
+        "strategy": "zero2",
+        "engine": True,
+        "shared_prefix": True,
+    }
     history = json.loads((tmp_path / "history.json").read_text())
     _assert_same_history(history[:2], single[0])
     assert [m["skipped_steps"] for m in history] == [0.0, 0.0, 1.0, 1.0]
@@ -221,7 +226,12 @@ def test_zero3_accelerate_launch_trains_resumes_and_equals_one_process(tmp_path,
     assert {p.name for p in ckpt.glob("rng-rank*.json")} == {"rng-rank0.json", "rng-rank1.json"}
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     _run(tmp_path, "--resume", launcher=launcher)
-    assert json.loads((tmp_path / "info.json").read_text()) == {"strategy": "zero3", "engine": True}
+    # train.shared_prefix=auto: the shared-prefix forward runs under ZeRO too.
+    assert json.loads((tmp_path / "info.json").read_text()) == {
+        "strategy": "zero3",
+        "engine": True,
+        "shared_prefix": True,
+    }
     history = json.loads((tmp_path / "history.json").read_text())
     assert [m["step"] for m in history] == [2]
     _assert_same_history(history, single[0][1:])

@@ -25,11 +25,14 @@ PRESET_COMPARED = {
     "cppo": COMMON + ["loss/ref_kl", "loss/cpl", "perception/selected_frac"],
     "dapo": COMMON
     + ["dynamic_sampling/rounds", "dynamic_sampling/kept_frac", "dynamic_sampling/groups_short"],
+    # REINFORCE++ whitens over the whole batch: each rank must see the other's rewards.
+    "reinforce_pp": COMMON,
 }
 ARGS = {
     "papo_g": [],
     "cppo": ["--preset", "cppo"],
     "dapo": ["--preset", "dapo", "--reward", "scripted"],
+    "reinforce_pp": ["--override", "objective.advantage=reinforce_pp"],
 }
 
 
@@ -123,6 +126,10 @@ def test_fsdp2_two_ranks_train_resume_and_equal_one_process(tmp_path, single):
     assert (ckpt / "state.json").is_file()
     assert {p.name for p in ckpt.glob("rng-rank*.json")} == {"rng-rank0.json", "rng-rank1.json"}
     _run(tmp_path, "--strategy", "fsdp2", "--resume", ranks=2)
+    # train.shared_prefix=auto runs the shared-prefix forward under FSDP2 (on both ranks),
+    # and the run still equals the one-process run.
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"shared-prefix-rank{r}.json").read_text()) is True
     history = json.loads((tmp_path / "history.json").read_text())
     assert [m["step"] for m in history] == [2]
     _assert_same(history, load_file(str(tmp_path / "final.safetensors")), single)

@@ -82,3 +82,45 @@ def test_trl_phases_split_each_measured_step(peer):
         {"generate": 4.0, "score": 2.0, "policy_forward": 3.0, "backward_optimizer_other": 1.0},
         {"generate": 5.0, "score": 2.0, "policy_forward": 4.0, "backward_optimizer_other": 4.0},
     ]
+
+
+def test_vision_heavy_workload_and_report(peer):
+    """The vision-heavy workload's sizes reach TRL's config, and its report (matched
+    equivalence rows only) gives the rollout ratio and the targets."""
+    import argparse
+
+    peer.set_workload("vision-heavy")
+    try:
+        assert (peer.PROMPTS, peer.N) == (8, 8)
+        assert peer.configs("off", [0.01]) == [("vispo", 0.01, False), ("trl", 0.01, False)]
+        run = {"threads": 2, "setup_rss_mib": 100.0, "mean_length": 64.0}
+        vispo = dict(run, steps=[10.0], peak_rss_mib=1000.0)
+        vispo["phases"] = [{"rollout": 4.0, "reward": 0.0, "score": 2.0, "update": 4.0}]
+        trl = dict(run, steps=[40.0], peak_rss_mib=4000.0)
+        trl["phases"] = [
+            {"generate": 5.0, "score": 5.0, "policy_forward": 10.0, "backward_optimizer_other": 20}
+        ]
+        timing = {("vispo", 0.01, False): vispo, ("trl", 0.01, False): trl}
+        row = {k: 1e-9 for k in ("loss_abs_diff", "loss_rel_diff", "grad_max_abs_diff")}
+        row.update(check="beta 0.01", trl_loss=0.1, vispo_loss=0.1, grad_max_abs=1.0)
+        row.update(grad_rel_diff=1e-9, note="")
+        equiv = {
+            "rows": [row],
+            "same_prompt_tokens": True,
+            "advantages_max_abs_diff": 0.0,
+            "ref_logp_max_abs_diff": 1e-7,
+            "k3_mean": 0.1,
+            "k3_clamped_tokens": 0,
+        }
+        args = argparse.Namespace(
+            quick=False, threads=2, steps=1, betas=[0.01], note="", trl_set={}
+        )
+        text = peer.report(args, equiv, timing)
+    finally:
+        peer.set_workload("standard")
+    assert (peer.PROMPTS, peer.N) == (16, 5)
+    assert "8 easy-vqa prompts x 8 completions" in text
+    assert "`per_device_train_batch_size=64`, `num_generations=8`" in text
+    assert "| off | 0.01 | 10.00 | 40.00 | **0.25** | 1000 | 4000 | **0.25** |" in text
+    assert "| off | 0.01 | 4.00 | 5.00 | **0.80** |" in text  # rollout vs TRL's generate
+    assert "off-policy check" not in text  # the matched rows only

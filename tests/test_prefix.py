@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vispo.models import ARCHS, build_scoring_batch, encode_prompts, pixel_inputs, score
+from vispo.models import ARCHS, build_scoring_batch, encode_prompts, pixel_inputs, prefix, score
 from vispo.models.adapt import enable_gradient_checkpointing
 from vispo.models.prefix import shared_prefix_unsupported
 from vispo.models.tokenizer import SPECIAL_TOKENS, THINK_TOKENS
@@ -124,12 +124,73 @@ def test_one_token_responses_need_only_the_prompt_pass(setup):
     torch.testing.assert_close(shared.entropy, plain.entropy, atol=2e-6, rtol=0)
 
 
-def test_activation_checkpointing_is_reported_unsupported(tiny_vlm):
+def _checkpointed(model):
+    model = enable_gradient_checkpointing(copy.deepcopy(model))
+    assert shared_prefix_unsupported(model) is None
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_under_activation_checkpointing_equals_plain_forward(
+    setup, arch, monkeypatch
+):
+    """Checkpointed layers run twice (forward, and the recompute in backward); the stateless
+    caches give the recompute the same keys and values, so nothing is appended twice."""
+    model, batch, masked = setup(arch)
+    variants = [None, masked]
+    plain = _scores_and_grads(model, batch, variants)
+    checkpointed = _checkpointed(model)
+    # The recompute really happens: every layer's cache update runs twice in each pass.
+    calls = {"record": 0, "serve": 0}
+
+    def counting(cls, name):
+        update = cls.update
+
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return update(self, *args, **kwargs)
+
+        return counted
+
+    with monkeypatch.context() as m:
+        m.setattr(prefix._RecordLayer, "update", counting(prefix._RecordLayer, "record"))
+        m.setattr(prefix._ServeLayer, "update", counting(prefix._ServeLayer, "serve"))
+        shared = _scores_and_grads(checkpointed, batch, variants, shared_prefix=True)
+    layers = checkpointed.config.get_text_config().num_hidden_layers
+    assert calls == {"record": 2 * layers, "serve": 2 * layers}
+    _assert_same(plain, shared)
+    _assert_same(plain, _scores_and_grads(checkpointed, batch, variants))
+    assert any("vis" in n and g.abs().sum() > 0 for n, g in shared[1].items())
+
+
+def test_shared_prefix_under_checkpointing_with_micro_batches_and_lora(setup):
+    from vispo.models.adapt import apply_lora
+
+    model, batch, masked = setup("qwen2_5_vl")
+    plain = _scores_and_grads(model, batch, [None, masked])
+    ckpt = _checkpointed(model)
+    _assert_same(
+        plain,
+        _scores_and_grads(ckpt, batch, [None, masked], shared_prefix=True, micro_batch_size=G),
+    )
+    lora = apply_lora(copy.deepcopy(model), r=4, alpha=8)
+    for p in lora.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(0))
+    _assert_same(
+        _scores_and_grads(lora, batch, [None, masked]),
+        _scores_and_grads(_checkpointed(lora), batch, [None, masked], shared_prefix=True),
+    )
+
+
+def test_reentrant_checkpointing_is_reported_unsupported(tiny_vlm):
     model, _ = tiny_vlm("qwen2_vl")
     assert shared_prefix_unsupported(model) is None
-    checkpointed = copy.deepcopy(model)
-    enable_gradient_checkpointing(checkpointed)
-    assert "checkpointing" in shared_prefix_unsupported(checkpointed)
+    reentrant = copy.deepcopy(model)
+    reentrant.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": True}
+    )
+    assert "reentrant" in shared_prefix_unsupported(reentrant)
 
 
 def test_shared_prefix_with_lora_adapters(setup):

@@ -63,8 +63,68 @@ def test_a_step_with_the_shared_prefix_equals_the_plain_step(tmp_path, preset):
     assert sorted(moved)[len(moved) // 2] < 1e-6
 
 
-def test_shared_prefix_falls_back_with_activation_checkpointing(tmp_path):
+def test_a_checkpointed_step_with_the_shared_prefix_equals_the_plain_step(tmp_path):
+    """Activation checkpointing keeps the shared prefix (auto turns it on) and the step equals
+    the plain checkpointed step."""
+    extra = ("model.gradient_checkpointing=true",)
+    runs = {}
+    for shared in ("off", "auto"):
+        trainer = _trainer(tmp_path, "grpo", shared, *extra)
+        assert trainer.shared_prefix == (shared == "auto")
+        metrics = trainer.step()
+        runs[shared] = (metrics, dict(trainer.model.named_parameters()))
+    (m_off, w_off), (m_on, w_on) = runs["off"], runs["auto"]
+    for key, value in m_off.items():
+        if not key.startswith(TIMING):
+            assert m_on[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    moved = [(w_on[n] - w_off[n]).abs().max().item() for n in w_off if w_off[n].requires_grad]
+    assert sorted(moved)[len(moved) // 2] < 1e-6
+
+
+def test_shared_prefix_on_fails_with_reentrant_checkpointing(tmp_path, monkeypatch):
+    from vispo.models import adapt
+
+    def reentrant(model):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True}
+        )
+        return model
+
+    monkeypatch.setattr(adapt, "enable_gradient_checkpointing", reentrant)
     extra = ("model.gradient_checkpointing=true",)
     assert _trainer(tmp_path, "grpo", "auto", *extra).shared_prefix is False
-    with pytest.raises(ConfigError, match="checkpointing"):
+    with pytest.raises(ConfigError, match="reentrant"):
         _trainer(tmp_path, "grpo", "on", *extra)
+
+
+def test_mini_and_micro_batches_hold_whole_groups_with_their_prefix(tmp_path, monkeypatch):
+    """Mini-batches of one group (3 sequences) in two PPO epochs: every shared-prefix forward
+    holds the whole of each group it touches (its prompt runs once per micro-batch), and the
+    step still equals the plain step (both draw the same group order)."""
+    import vispo.models.scoring as scoring
+
+    extra = ("train.mini_batch_size=3", "train.micro_batch_size=3", "train.ppo_epochs=2")
+    calls = []
+    forward = scoring.shared_prefix_logits
+
+    def recording(model, batch, variants, **kw):
+        if torch.is_grad_enabled():  # the update's forwards
+            calls.append(batch.prompt_index.tolist())
+        return forward(model, batch, variants, **kw)
+
+    runs = {}
+    for shared in ("off", "on"):
+        trainer = _trainer(tmp_path, "grpo", shared, *extra)
+        with monkeypatch.context() as m:
+            m.setattr(scoring, "shared_prefix_logits", recording)
+            metrics = trainer.step()
+        runs[shared] = (metrics, dict(trainer.model.named_parameters()))
+    # 2 epochs x 2 mini-batches x 1 micro-batch, each one whole group of 3.
+    assert len(calls) == 4
+    assert all(len(c) == 3 and len(set(c)) == 1 for c in calls)
+    (m_off, w_off), (m_on, w_on) = runs["off"], runs["on"]
+    for key, value in m_off.items():
+        if not key.startswith(TIMING):
+            assert m_on[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    moved = [(w_on[n] - w_off[n]).abs().max().item() for n in w_off if w_off[n].requires_grad]
+    assert sorted(moved)[len(moved) // 2] < 1e-6

@@ -238,6 +238,14 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument(
         "--no-responses", action="store_true", help="do not store answer texts in results.jsonl"
     )
+    parser.add_argument(
+        "--images",
+        choices=("real", "gray", "other"),
+        default="real",
+        help="ask each question with its real image, a uniform gray one of the same size, or "
+        "another question's (a fixed seeded derangement within the benchmark); real - gray is "
+        "how much a model uses the image",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument(
         "--compare",
@@ -286,6 +294,7 @@ def _eval(argv: list[str]) -> int:
             reward=args.reward,
             limit=args.limit,
             keep_responses=not args.no_responses,
+            image_mode=args.images,
         ).validate()
         named = []
         if args.benchmarks:

@@ -8,6 +8,7 @@ from .advantages import (
     dynamic_sampling_keep,
     group_advantages,
     overlong_penalty,
+    refill_size,
     zero_std_group_fraction,
 )
 from .aggregate import AGG_MODES, aggregate, masked_mean
@@ -18,7 +19,7 @@ from .entropy import (
     sampled_entropy,
     selective_log_softmax,
 )
-from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate
+from .estimators import ADVANTAGE_ESTIMATORS, advantage_estimate, needs_batch_statistics
 from .kl import full_kl, kl_estimate
 from .noisy_rollout import noise_decay, noisy_rollout_scales
 from .objective import (
@@ -64,6 +65,7 @@ __all__ = [
     "ObjectiveInputs",
     "Requirements",
     "advantage_estimate",
+    "needs_batch_statistics",
     "aggregate",
     "aggregate_total",
     "compute_objective",
@@ -83,6 +85,7 @@ __all__ = [
     "noise_decay",
     "noisy_rollout_plan",
     "noisy_rollout_scales",
+    "refill_size",
     "objective_preset",
     "overlong_penalty",
     "papo_perception_loss",

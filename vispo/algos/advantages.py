@@ -92,6 +92,23 @@ def dynamic_sampling_keep(
     return keep[index]
 
 
+def refill_size(deficit: int, informative: int, rolled_out: int, full: int, ranks: int = 1) -> int:
+    """Prompts the next dynamic-sampling round rolls out: only the deficit, scaled by how rare
+    informative groups have been so far in the step.
+
+    ``ceil(deficit * rolled_out / informative)`` (the deficit over the informative fraction of
+    the ``rolled_out`` groups seen so far, ``informative`` of them informative), rounded up to a
+    multiple of ``ranks`` (every rank rolls out as many) and kept between the deficit and the
+    full batch ``full``; the full batch while nothing informative has been seen.
+    """
+    if deficit <= 0:
+        return 0
+    if informative <= 0:
+        return full
+    want = max(deficit, -(-deficit * rolled_out // informative))
+    return min(full, -(-want // ranks) * ranks)
+
+
 def overlong_penalty(
     lengths: torch.Tensor, *, max_length: int, buffer: int, factor: float = 1.0
 ) -> torch.Tensor:

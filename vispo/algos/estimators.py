@@ -46,6 +46,14 @@ def batch_whiten(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values - mu) * torch.rsqrt(var + _WHITEN_EPS)
 
 
+def needs_batch_statistics(kind: str, scale: str = "group") -> bool:
+    """Whether an estimator's advantages depend on rewards outside their own group (REINFORCE++'s
+    whitening, GRPO's ``batch`` scale): under several ranks they need the global batch."""
+    return kind in ("reinforce_pp", "reinforce_pp_baseline") or (
+        kind == "grpo" and scale == "batch"
+    )
+
+
 def advantage_estimate(
     kind: str,
     rewards: torch.Tensor,

@@ -73,7 +73,12 @@ class ObjectiveConfig:
     )
     ds_low: float = _f(0.01, "Dynamic sampling: lower bound on a group's mean accuracy.")
     ds_high: float = _f(0.99, "Dynamic sampling: upper bound on a group's mean accuracy.")
-    ds_max_rounds: int = _f(20, "Dynamic sampling: cap on generation rounds per step (DAPO: 20).")
+    ds_max_rounds: int = _f(
+        20,
+        "Dynamic sampling: cap on generation rounds per step (DAPO: 20). Round 1 rolls out the "
+        "full batch, a later round only ceil(deficit / informative fraction so far) prompts "
+        "(at least the deficit, at most the full batch).",
+    )
 
     # PAPO (Wang et al. 2025, "Perception-Aware Policy Optimization").
     gamma: float = _f(

@@ -4,7 +4,11 @@ Built in (no files needed):
 
 * ``easy-vqa``: the easy-vqa test split (9,673 questions); ``easy-vqa-vd`` its
   vision-dependent subset: the questions that the text prior (each question string's most
-  frequent training answer) gets wrong (``meta["vision_dependent"]``).
+  frequent training answer) gets wrong (``meta["vision_dependent"]``); ``easy-vqa-val``
+  easy-vqa's validation split (1,005 questions of 107 train images that training never
+  sees: tune on it, not on the test split); ``easy-vqa-cf`` 856 counterfactual questions
+  whose drawn image contradicts the text prior (:mod:`vispo.data.counterfactual`; the prior
+  scores 0 there).
 * ``synthetic``: 500 seeded synthetic questions (:func:`vispo.data.synthetic_vqa`, split
   ``test``, seed 0, difficulty 1); ``synthetic-vd`` those whose question does not state the
   deciding fact; ``synthetic-hard`` / ``synthetic-hard-vd`` the same at difficulty 3.
@@ -110,6 +114,16 @@ def _easy_vqa(vd: bool) -> Callable:
         return _first(_vision_dependent(data) if vd else data, limit)
 
     return load
+
+
+def _easy_vqa_val(_root, limit):
+    return easy_vqa("validation", limit=limit)
+
+
+def _easy_vqa_cf(_root, limit):
+    from vispo.data.counterfactual import easy_vqa_counterfactual
+
+    return easy_vqa_counterfactual(limit)
 
 
 def _synthetic(vd: bool, difficulty: int) -> Callable:
@@ -274,6 +288,26 @@ for _vd in (False, True):
                 + (", not answerable from the text" if _vd else ""),
             )
         )
+register_benchmark(
+    Benchmark(
+        "easy-vqa-val",
+        GENERAL,
+        _easy_vqa_val,
+        template="short",
+        reward="math",
+        description="easy-vqa validation split (1,005 q. of 107 train images never trained on)",
+    )
+)
+register_benchmark(
+    Benchmark(
+        "easy-vqa-cf",
+        VISION_DEPENDENT,
+        _easy_vqa_cf,
+        template="short",
+        reward="math",
+        description="856 drawn easy-vqa-style q. whose image contradicts the text prior",
+    )
+)
 for _name, (_group, _stems) in PAPO_FILES.items():
     register_benchmark(
         Benchmark(

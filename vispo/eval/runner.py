@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vispo.eval.accuracy import correctness, generate_batch, reward_inputs
 from vispo.eval.benchmarks import Benchmark
+from vispo.eval.image_modes import IMAGE_MODES, derangement, donor_seed, with_image
 from vispo.eval.loading import LoadedModel
 from vispo.eval.metrics import summarize
 from vispo.eval.tables import comparison_markdown, run_table
@@ -53,6 +54,10 @@ class EvalSettings:
             else the benchmark's).
         limit: evaluate only the first ``limit`` questions of each benchmark.
         keep_responses: store the answers' texts in ``results.jsonl``.
+        image_mode: the image each question is asked with (:mod:`vispo.eval.image_modes`):
+            ``"real"`` its own, ``"gray"`` a uniform gray image of the same size, ``"other"``
+            another question's of the same benchmark (a fixed seeded derangement of the
+            evaluated questions, preferring an image whose answer differs).
     """
 
     k: int = 8
@@ -66,6 +71,7 @@ class EvalSettings:
     reward: str | None = None
     limit: int | None = None
     keep_responses: bool = True
+    image_mode: str = "real"
 
     def validate(self) -> EvalSettings:
         if self.k < 0:
@@ -82,6 +88,8 @@ class EvalSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {self.image_mode!r}")
         return self
 
     def modes(self) -> dict[str, dict]:
@@ -282,6 +290,10 @@ def evaluate_model(
         for bench, samples, resolved in plan:
             template = get_template(resolved["template"])
             reward = open_reward(resolved["reward"], loaded.config)
+            donors = None
+            if settings.image_mode == "other":
+                seed = donor_seed(settings.seed, bench.name)
+                donors = derangement([s.answer for s in samples], seed)
             for mode, params in modes.items():
                 sig = _mode_signature(loaded, bench, params, settings, resolved)
                 used.add(sig)
@@ -299,10 +311,18 @@ def evaluate_model(
                             per_question[i] = rec["correct"]
                         bar.advance(task, stop - start)
                         continue
+                    shown = [
+                        with_image(
+                            samples[i],
+                            settings.image_mode,
+                            None if donors is None else samples[donors[i]],
+                        )
+                        for i in range(start, stop)
+                    ]
                     texts = generate_batch(
                         loaded.model,
                         loaded.processor,
-                        chunk,
+                        shown,
                         template,
                         max_new_tokens=resolved["max_new_tokens"],
                         k=params["k"],
@@ -332,6 +352,10 @@ def evaluate_model(
                             "answer": sample.answer,
                             "correct": correct,
                         }
+                        if settings.image_mode != "real":
+                            rec["image_mode"] = settings.image_mode
+                        if donors is not None:
+                            rec["image_of"] = samples[donors[start + j]].id
                         if settings.keep_responses:
                             rec["responses"] = texts[j]
                         records.append(rec)
@@ -372,7 +396,7 @@ def _mode_signature(
     loaded: LoadedModel, bench: Benchmark, params: dict, settings: EvalSettings, resolved: dict
 ) -> str:
     """What a stored result must match to be reused: model, benchmark, mode, seed, batching,
-    template, reward and length cap."""
+    template, reward, length cap and (when not the real one) the image shown."""
     payload = {
         "model": loaded.identity,
         "benchmark": bench.name,
@@ -381,6 +405,8 @@ def _mode_signature(
         "batch_size": settings.batch_size,
         **resolved,
     }
+    if settings.image_mode != "real":  # absent for "real": earlier results stay valid
+        payload["image_mode"] = settings.image_mode
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vispo.algos import advantage_estimate, dynamic_sampling_keep, zero_std_group_fraction
+from vispo.algos import (
+    advantage_estimate,
+    dynamic_sampling_keep,
+    needs_batch_statistics,
+    zero_std_group_fraction,
+)
 from vispo.models.scoring import (
     PromptBatch,
     ScoringBatch,
@@ -137,11 +142,15 @@ def assemble(
     scale: str,
     eps: float,
     estimator: str = "grpo",
+    gather_rows=None,
 ) -> StepBatch:
     """Pad responses, build the scoring batch and the advantages of the kept groups.
 
     ``prompts``: the encoded prompts when they are exactly these groups' (one full round);
-    otherwise the kept prompts are encoded again.
+    otherwise the kept prompts are encoded again. ``gather_rows`` (``Dist.gather_rows``): under
+    several ranks, an estimator whose statistics span the batch (REINFORCE++'s whitening, the
+    ``batch`` scale) is computed over every rank's rows, as one process would, and this rank
+    keeps its own.
     """
     if prompts is None:
         prompts = encode_prompts(
@@ -152,9 +161,19 @@ def assemble(
     batch = build_scoring_batch(prompts, ids, repeats=n, response_mask=mask)
     rewards = torch.cat([g.rewards for g in groups])
     group_ids = torch.arange(len(groups)).repeat_interleave(n)
+    lengths = mask.sum(-1).to(rewards.dtype)
+    start = 0
+    if gather_rows is not None and needs_batch_statistics(estimator, scale):
+        # Group ids are per rank: made unique across ranks by the rank that owns the row.
+        local = torch.stack([rewards.float(), group_ids.float(), lengths.float()], dim=1)
+        everything, owner, start = gather_rows(local)
+        rewards_all, lengths_all = everything[:, 0], everything[:, 2]
+        group_all = everything[:, 1].long() + owner * (everything.shape[0] + 1)
+    else:
+        rewards_all, group_all, lengths_all = rewards, group_ids, lengths
     advantages = advantage_estimate(
-        estimator, rewards, group_ids, lengths=mask.sum(-1), scale=scale, eps=eps
-    )
+        estimator, rewards_all, group_all, lengths=lengths_all, scale=scale, eps=eps
+    )[start : start + rewards.numel()]
     return StepBatch(
         groups=groups, prompts=prompts, batch=batch, rewards=rewards, advantages=advantages
     )

@@ -59,7 +59,9 @@ class DataConfig:
     )
     split: str = _f("train", "Split to train on.")
     eval_split: str = _f(
-        "test", "Split of the held-out set (of data.eval_name, else of data.name)."
+        "test",
+        "Split of the held-out set (of data.eval_name, else of data.name); easy-vqa has "
+        "validation (1,005 q. of train images never trained on: tune there) and test.",
     )
     eval_name: str | None = _f(
         None,
@@ -173,7 +175,10 @@ class TrainConfig:
     prompts_per_step: int = _f(16, "Prompts per step; each gets rollout.n responses.")
     ppo_epochs: int = _f(1, "Passes over each step's rollouts.")
     mini_batch_size: int | None = _f(
-        None, "Sequences per optimizer step (default: all of the step's sequences)."
+        None,
+        "Sequences per optimizer step (default: all of the step's sequences). Each PPO epoch "
+        "shuffles whole groups, so with a multiple of rollout.n (and such micro-batches) every "
+        "group stays in one micro-batch with its prompt.",
     )
     micro_batch_size: int | None = _f(
         None, "Sequences per forward/backward (gradient accumulation; default: mini-batch)."
@@ -208,8 +213,9 @@ class TrainConfig:
         "scoring and update forward runs the distinct prompts once and the responses against "
         "their keys and values (gradients of all of a prompt's responses flow back into it "
         "once). Same samples, log-probs and gradients as 'off' up to float rounding (tested). "
-        "'auto': on, except with activation checkpointing or a sharded strategy (fsdp2, "
-        "zero2, zero3), which fall back to 'off' with a logged reason; 'on': those are errors.",
+        "Works with (non-reentrant) activation checkpointing and every strategy (ddp, fsdp2, "
+        "zero2, zero3). 'auto': on, except with reentrant checkpointing, which falls back to "
+        "'off' with a logged reason; 'on': that is an error.",
     )
     strategy: str = _f(
         "auto",

@@ -88,6 +88,21 @@ class Dist:
         dist.all_reduce(out, op=op or dist.ReduceOp.SUM)
         return out.to(tensor.device)
 
+    def gather_rows(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every rank's ``[b_r, k]`` rows in rank order (``b_r`` may differ), each row's rank,
+        and where this rank's rows start. Collective: every rank calls it."""
+        if not self.active:
+            return local, torch.zeros(local.shape[0], dtype=torch.long), 0
+        sizes = torch.zeros(self.world, dtype=torch.long)
+        sizes[self.rank] = local.shape[0]
+        sizes = self.all_reduce(sizes).tolist()
+        buf = torch.zeros(self.world, max(sizes), *local.shape[1:], dtype=local.dtype)
+        buf[self.rank, : local.shape[0]] = local.detach().cpu()
+        buf = self.all_reduce(buf)
+        rows = torch.cat([buf[r, :n] for r, n in enumerate(sizes)]).to(local.device)
+        owner = torch.repeat_interleave(torch.arange(self.world), torch.tensor(sizes))
+        return rows, owner.to(local.device), sum(sizes[: self.rank])
+
     @property
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -12,7 +12,10 @@
 
 A config is named by a path, or by a name: ``cppo`` (an objective), ``quickstart``,
 ``objectives/cppo`` or ``recipes/cppo``. Any file whose only section is ``objective`` is
-layered on the embedded default as an objective preset is.
+layered on the embedded default as an objective preset is. An ``objective.name=X`` override that
+changes the preset does the same to the config it overrides: the config's objective values
+are dropped (but for the model-bound ones) and X's preset values apply, with the other
+overrides on top.
 """
 
 from __future__ import annotations
@@ -97,13 +100,21 @@ def config_tree(config: str | Path | None = None, overrides: list[str] | None = 
         path = resolve_config(str(config))
         tree = read_tree(path)
         if is_objective_only(tree):
-            kept = {
-                k: v
-                for k, v in (default.get("objective") or {}).items()
-                if k in MODEL_BOUND_OBJECTIVE_FIELDS
-            }
-            tree = {**default, "objective": {**kept, **(tree["objective"] or {})}}
-    return _merge(tree, parse_overrides(overrides or []))
+            tree = {**default, "objective": {**_model_bound(default), **(tree["objective"] or {})}}
+    extra = parse_overrides(overrides or [])
+    name = (extra.get("objective") or {}).get("name")
+    if name is not None and name != (tree.get("objective") or {}).get("name", "grpo"):
+        # Another preset on the command line starts from that preset, as an objective file
+        # would: the config's own objective values (PAPO's gamma in the embedded default) are
+        # the old preset's and must not carry over into the new one.
+        tree = {**tree, "objective": _model_bound(tree)}
+    return _merge(tree, extra)
+
+
+def _model_bound(tree: dict) -> dict:
+    """The objective fields of `tree` that belong to its model (kept across presets)."""
+    objective = tree.get("objective") or {}
+    return {k: v for k, v in objective.items() if k in MODEL_BOUND_OBJECTIVE_FIELDS}
 
 
 def load_named_config(

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vispo.algos import noisy_rollout_plan, overlong_penalty, requirements
+from vispo.algos import noisy_rollout_plan, overlong_penalty, refill_size, requirements
 from vispo.data import PromptSampler, get_template
 from vispo.models.prefix import shared_prefix_unsupported
 from vispo.models.scoring import encode_prompts
@@ -327,8 +327,6 @@ class Trainer:
         if setting == "off":
             return False
         reason = shared_prefix_unsupported(self.model)
-        if reason is None and self.strategy in ("fsdp2", "zero2", "zero3"):
-            reason = f"not verified under train.strategy={self.strategy}"
         if reason is None:
             return True
         if setting == "on":
@@ -410,24 +408,30 @@ class Trainer:
         The rounds are global: every rank runs the same number (so the samplers stay in step),
         the kept groups are the first informative ones in the order of the global batches (what
         a one-process run keeps), and each rank trains on an even share of them, which may hold
-        groups another rank rolled out. When ``ds_max_rounds`` runs out first, the step trains
-        on the informative groups found (cut to a multiple of the rank count); when there are
-        fewer than one per rank, on the last round's groups. Either way a warning is logged and
-        ``dynamic_sampling/groups_short`` counts the informative groups the step lacks.
+        groups another rank rolled out. Round 1 rolls out the full batch, a later round only
+        :func:`refill_size` prompts (the deficit over the informative fraction so far), the
+        first of the sampler's next batch, split evenly over the ranks. When ``ds_max_rounds``
+        runs out first, the step trains on the informative groups found (cut to a multiple of
+        the rank count); when there are fewer than one per rank, on the last full round's
+        groups. Either way a warning is logged and ``dynamic_sampling/groups_short`` counts the
+        informative groups the step lacks.
         """
         cfg, ocfg = self.cfg, self.cfg.objective
         world, rank = self.dist.world, self.dist.rank
         asked = cfg.train.prompts_per_step
         target = asked // world
-        first = rank * target  # every rank draws the same global batch and keeps its slice
         max_rounds = ocfg.ds_max_rounds if ocfg.dynamic_sampling else 1
         mine: dict[tuple[int, ...], B.Group] = {}  # informative groups rolled out here, by key
         chosen: list[tuple[int, ...]] = []  # keys of the informative groups, in global order
-        rounds = 0
+        rounds = seen = seen_informative = 0
+        size = asked  # prompts of this round over all ranks
+        sizes: dict[int, int] = {}  # prompts per rank, by round
         t["rollout"] = t["reward"] = 0.0
         while len(chosen) < asked and rounds < max_rounds:
             rounds += 1
-            indices = next(self.sampler)[first : first + target]
+            sizes[rounds] = per = size // world
+            first = rank * per  # every rank draws the same global batch and keeps its slice
+            indices = next(self.sampler)[first : first + per]
             keys = [(self.step_count, rounds, first + i) for i in range(len(indices))]
             samples = [self.train_data[i] for i in indices]
             images = [[B.prepare_image(im, self.budget) for im in s.load_images()] for s in samples]
@@ -485,24 +489,27 @@ class Trainer:
                 else [True] * len(groups)
             )
             mine.update({g.key: g for g, k in zip(groups, keep) if k})
-            flags = torch.zeros(asked)
-            flags[first : first + target] = torch.tensor(keep, dtype=torch.float32)
+            flags = torch.zeros(size)
+            flags[first : first + per] = torch.tensor(keep, dtype=torch.float32)
             flags = self.dist.all_reduce(flags)  # every rank's keep flags of this round
-            last_informative = int(flags.sum())
-            found = [(self.step_count, rounds, j) for j in range(asked) if flags[j] > 0]
+            if per == target:  # a full round: the fallback when too few are informative
+                full_groups, last_informative = groups, int(flags.sum())
+            found = [(self.step_count, rounds, j) for j in range(size) if flags[j] > 0]
             chosen += found[: asked - len(chosen)]
+            seen, seen_informative = seen + size, seen_informative + len(found)
+            size = refill_size(asked - len(chosen), seen_informative, seen, asked, world)
         per_rank = len(chosen) // world
         if per_rank == 0:  # no informative group (or fewer than one per rank) in any round
-            kept, informative = groups, last_informative
+            kept, informative = full_groups, last_informative
         else:
-            kept = self._share_groups(mine, chosen[: per_rank * world], per_rank, target, groups)
+            kept = self._share_groups(mine, chosen[: per_rank * world], per_rank, sizes, groups)
             informative = per_rank * world
         short = asked - informative
         if short and ocfg.dynamic_sampling:
             fallback = (
                 f"trains on {per_rank * world} informative groups"
                 if per_rank
-                else "trains on the last round's groups, "
+                else "trains on the last full round's groups, "
                 f"{informative} of them informative (the rest have zero advantage)"
             )
             self.log(
@@ -519,19 +526,21 @@ class Trainer:
             scale=ocfg.adv_scale,
             eps=ocfg.adv_eps,
             estimator=ocfg.advantage,
+            gather_rows=self.dist.gather_rows,
         )
         metrics = {
             "dynamic_sampling/rounds": float(rounds),
-            "dynamic_sampling/kept_frac": informative / (rounds * asked),
+            "dynamic_sampling/kept_frac": informative / seen,
             "dynamic_sampling/groups_short": float(short),
         }
         return step, metrics
 
-    def _share_groups(self, mine, share, per_rank, target, local):
+    def _share_groups(self, mine, share, per_rank, sizes, local):
         """This rank's ``per_rank`` groups of the global list of kept keys ``share``; groups
-        rolled out on another rank are sent over (collective: every rank calls it)."""
+        rolled out on another rank are sent over (collective: every rank calls it). ``sizes``:
+        the prompts per rank of each round."""
         rank = self.dist.rank
-        owner = {key: key[2] // target for key in share}  # the rank that rolled it out
+        owner = {key: key[2] // sizes[key[1]] for key in share}  # the rank that rolled it out
         wanted = share[rank * per_rank : (rank + 1) * per_rank]
         moves = [
             k

@@ -170,7 +170,6 @@ def ppo_update(
 ) -> dict[str, float]:
     """Run the PPO epochs over one step's batch; returns averaged metrics."""
     batch, adv = step.batch, step.advantages
-    B = len(batch)
     grad_variants = [
         name for name, mode in req.variants.items() if mode == "grad" and name == "mask"
     ]
@@ -182,7 +181,7 @@ def ppo_update(
     grad_norms = []
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(B) if B > mini_batch else torch.arange(B)
+        order = epoch_order(batch.prompt_index, mini_batch)
         for mb in order.split(mini_batch):
             mb_batch = batch.select(mb)
             micro = list(mb.split(micro_batch))
@@ -309,6 +308,23 @@ def ppo_update(
     )
     out["skipped_steps"] = float(state.skipped)
     return out
+
+
+def epoch_order(prompt_index: torch.Tensor, mini_batch: int) -> torch.Tensor:
+    """The order of a PPO epoch's sequences: whole groups shuffled, each group's sequences
+    together and in their order (the identity when one mini-batch holds the step).
+
+    Mini-batches and their micro-batches are consecutive runs of this order, so when their sizes
+    are multiples of ``rollout.n`` each holds whole groups: with the shared prefix a group's
+    prompt runs once per micro-batch that holds it, i.e. once. (Shuffling single sequences
+    would scatter a group over the micro-batches and run its prompt in each.)
+    """
+    B = len(prompt_index)
+    if B <= mini_batch:
+        return torch.arange(B)
+    groups, group = torch.unique(prompt_index, return_inverse=True)
+    place = torch.randperm(len(groups))[group.cpu()]  # each sequence's group's new place
+    return torch.argsort(place * B + torch.arange(B))
 
 
 def _set_lr(optimizer, lr: float, factor: float) -> None:
