@@ -201,7 +201,9 @@ def test_estimate_wall_time_schedules_runs_on_workers():
     assert max(one) <= two < sum(one)
     tune = next(s for s in plan if s.kind == "tune")
     grpo = next(s for s in plan if s.name == "grpo-s0")
-    final = (3 * SETTINGS.test_limit + SCH.CF_SIZE) * SCH.EVAL_S_PER_Q  # tuning runs touch no test question
+    final = (
+        3 * SETTINGS.test_limit + SCH.CF_SIZE
+    ) * SCH.EVAL_S_PER_Q  # tuning runs touch no test question
     assert math.isclose(
         SCH.estimate_run_s(grpo, SETTINGS) - SCH.estimate_run_s(tune, SETTINGS), final
     )
@@ -305,3 +307,18 @@ def test_quick_run_end_to_end_then_skipped(tmp_path):
     log = (out / "tune-lr0.001-s0" / "log.txt").read_text()
     assert main(argv) == 0  # finished: not run again
     assert (out / "tune-lr0.001-s0" / "log.txt").read_text() == log
+
+
+def test_the_quickstart_hash_ignores_only_the_learning_rate_no_run_uses(monkeypatch):
+    base = P.quickstart_tree()
+    digest = P.quickstart_sha256()
+
+    def with_value(section, field, value):
+        tree = json.loads(json.dumps(base))
+        tree[section][field] = value
+        monkeypatch.setattr(P, "quickstart_tree", lambda: tree)
+        return P.quickstart_sha256()
+
+    assert with_value("optim", "lr", 0.5) == digest  # tuned per run, never inherited
+    assert with_value("optim", "weight_decay", 0.5) != digest
+    assert with_value("rollout", "n", 3) != digest

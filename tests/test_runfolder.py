@@ -389,7 +389,7 @@ def test_train_cli_resume_takes_a_checkpoint_or_leaves_config_and_overrides_alon
     ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
     ckpt.mkdir(parents=True)
     cases = [
-        (["--resume"], True, 3e-4),  # the embedded default's lr
+        (["--resume"], True, 1e-4),  # the embedded default's lr
         (["--resume", str(cfg_file), "rollout.n=3"], True, 0.002),
         (["--resume", "rollout.n=3", "optim.lr=0.003"], True, 0.003),
         ([str(cfg_file), "--resume", "4"], "4", 0.002),
@@ -398,7 +398,7 @@ def test_train_cli_resume_takes_a_checkpoint_or_leaves_config_and_overrides_alon
         (
             ["--resume", str(tmp_path / "gone" / "step-000007")],
             str(tmp_path / "gone" / "step-000007"),
-            3e-4,
+            1e-4,
         ),
     ]
     for argv, resume, lr in cases:
