@@ -82,8 +82,9 @@ bench-extra: install
 bench-gpu: install
 	$(PY) benchmarks/step_time.py --workload gpu
 
-# Issue 8's reproduction suite (~1 h on 2 cores; resumable: rerun to continue); writes
-# docs/results.md and docs/results_curves.png.
+# Issue 20's reproduction suite (57 runs: validation tuning, 10 arms x 5 seeds with a control per
+# term; ~55 min on 2 cores; resumable: rerun to continue); writes a record per run under
+# benchmarks/results/reproduce/, docs/results.md and docs/results_curves.png.
 reproduce: install
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --jobs 2
 
