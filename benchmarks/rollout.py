@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from shared_prefix import model_for  # benchmarks/ is on sys.path when run as a script
-from step_time import QUICK, RESULTS, trainer_for
+from step_time import QUICK, RESULTS, machine, trainer_for
 from transformers import GenerationConfig
 
 from vispo.data import get_template, load_builtin
@@ -331,8 +331,8 @@ def main() -> None:
             sections[part][:1]
             + [
                 "",
-                f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}. "
-                + args.note,
+                f"{args.threads} threads, {platform.machine()}, torch {torch.__version__}; "
+                f"{machine()}. " + args.note,
             ]
             + sections[part][1:]
         )

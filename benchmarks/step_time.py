@@ -78,11 +78,10 @@ def pixels_for(image_tokens: int) -> int:
 def machine() -> str:
     """The machine a results file was measured on, and whether a GPU was available."""
     cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [ln for ln in lines if "model name" in ln]
+    cpu = names[0].split(":", 1)[1].strip() if names else cpu
     gpu = (
         f"GPU: {torch.cuda.get_device_name()}"
         if torch.cuda.is_available()

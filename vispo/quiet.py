@@ -8,6 +8,7 @@ keeps its own logging and warning settings.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -62,17 +63,13 @@ def quiet_console() -> None:
     # The filter sits on DeepSpeed's logger before DeepSpeed creates it (getLogger returns the
     # same object, and DeepSpeed only adds a handler and sets the level).
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedAcceleratorFilter())
-    try:
+    if importlib.util.find_spec("transformers") is not None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights: 100%|...|" on every model load
-    except ImportError:
-        pass
-    try:
+    if importlib.util.find_spec("huggingface_hub") is not None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    except ImportError:
-        pass
     warnings.showwarning = _showwarning
     warnings.simplefilter("once")

@@ -212,6 +212,15 @@ def _first_image_path(path: Path) -> str | None:
     return None
 
 
+def _has_local_file(data_root: Path, name: str) -> bool:
+    """Whether :func:`find_local_file` finds a file for ``name`` under ``data_root``."""
+    try:
+        find_local_file(data_root, name)
+    except BenchmarkError:
+        return False
+    return True
+
+
 def image_root_for(path: Path, data_root: Path) -> Path:
     """Where the file's relative image paths resolve: the first of ``data_root``, the file's
     folder and its parent that contains the first image named in the file."""
@@ -333,11 +342,7 @@ def get_benchmark(name: str, data_root: str | Path | None = None) -> Benchmark:
         return BENCHMARKS[lowered]
     if data_root is not None:
         root = Path(data_root)
-        try:
-            find_local_file(root, key)
-        except BenchmarkError:
-            pass
-        else:
+        if _has_local_file(root, key):
             return Benchmark(
                 key,
                 GENERAL,

@@ -43,6 +43,7 @@ with the same validation and per-sample retries: for trusted, fast built-ins.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -294,14 +295,13 @@ class _Worker:
 
     def kill(self) -> None:
         """Kill the worker's whole process group, reap it, remove its folder. Idempotent."""
-        try:
+        # Already gone (or never ours to signal): nothing left to kill.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is not reaped yet: its id is ours
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        # A process that outlives SIGKILL for 5 s is in uninterruptible sleep: the watchdog and
+        # the process group's death take it when it wakes; the trainer does not wait for it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         self.conn.close()
         if self._watch_write is not None:
             os.close(self._watch_write)

@@ -125,10 +125,9 @@ class GracefulStop:
 
 def _say(text: str) -> None:
     """Write to stderr from a signal handler (no buffered stream, which may be mid-write)."""
-    try:
+    # A closed or full stderr must not turn a stop into a crash: the message is only a note.
+    with contextlib.suppress(OSError):
         os.write(2, text.encode())
-    except OSError:
-        pass
 
 
 class _NoStop:
@@ -224,7 +223,5 @@ def kill_tree(tree: list[tuple[int, str | None]]) -> None:
     for pid, started in tree:
         if pid == os.getpid() or _start_time(pid) != started or started is None:
             continue
-        try:
+        with contextlib.suppress(OSError):  # exited between the check and the kill
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
