@@ -40,7 +40,8 @@ def result(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         return peer.equivalence(
-            SimpleNamespace(seed=0, quick=True), tmp_path_factory.mktemp("peer_trl")
+            SimpleNamespace(seed=0, quick=True, equivalence="all"),
+            tmp_path_factory.mktemp("peer_trl"),
         )
     finally:
         torch.set_num_threads(threads)
