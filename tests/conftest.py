@@ -78,3 +78,27 @@ def make_conversation():
         return [{"role": "user", "content": content}]
 
     return make
+
+
+def one_step_config(out_dir, preset: str, *extra: str, arch: str = "qwen2_vl"):
+    """The config of a one-step run of a tiny model (2 prompts x 2 responses of at most 4
+    tokens, no held-out set, no checkpoints): the shared settings, then ``extra`` overrides."""
+    from vispo.train.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"objective.name={preset}",
+            f"model.name_or_path=tiny:{arch}",
+            "data.eval_size=0",
+            "train.steps=1",
+            "train.prompts_per_step=2",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            f"train.out_dir={out_dir}",
+            "logging.progress=false",
+            "train.samples_every=0",
+            "train.save_every=0",
+            *extra,
+        ],
+    )

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import one_step_config
 from PIL import Image
 
 from vispo.algos import (
@@ -300,24 +301,6 @@ def test_vppo_needs_no_pass_beyond_papo_in_one_micro_batch(tmp_path, monkeypatch
 
     monkeypatch.setattr(U, "score", counting)
     extra = [] if micro is None else [f"train.micro_batch_size={micro}"]
-    cfg = load_config(
-        None,
-        [
-            "objective.name=vppo",
-            "objective.beta=0",
-            "model.name_or_path=tiny:qwen2_vl",
-            "data.limit=8",
-            "data.eval_size=0",
-            "train.steps=1",
-            "train.prompts_per_step=2",
-            "rollout.n=2",
-            "rollout.max_new_tokens=4",
-            f"train.out_dir={tmp_path}",
-            "logging.progress=false",
-            "train.samples_every=0",
-            "train.save_every=0",
-            *extra,
-        ],
-    )
+    cfg = one_step_config(tmp_path, "vppo", "objective.beta=0", "data.limit=8", *extra)
     Trainer(cfg, reward_fn=RewardRunner(parity_reward, num_workers=0)).train()
     assert calls == expect

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import one_step_config
 from PIL import Image
 
 from vispo.data.sample import DataError, SampleDataset
 from vispo.data.video import frame_indices, video_frames, video_sample
 from vispo.rewards import RewardRunner
-from vispo.train.config import load_config
 from vispo.train.trainer import Trainer
 
 
@@ -45,22 +45,7 @@ def test_a_video_row_trains_with_papo(tmp_path, sample_images):
         )
         for i in range(4)
     ]
-    cfg = load_config(
-        None,
-        [
-            "objective.name=papo_g",
-            "model.name_or_path=tiny:qwen2_vl",
-            "data.eval_size=0",
-            "train.steps=1",
-            "train.prompts_per_step=2",
-            "rollout.n=2",
-            "rollout.max_new_tokens=4",
-            f"train.out_dir={tmp_path}",
-            "logging.progress=false",
-            "train.samples_every=0",
-            "train.save_every=0",
-        ],
-    )
+    cfg = one_step_config(tmp_path, "papo_g")
     trainer = Trainer(
         cfg, train_data=SampleDataset(rows), reward_fn=RewardRunner(parity_reward, num_workers=0)
     )

@@ -4,11 +4,11 @@ tiny models; the samples page shows every image."""
 
 import numpy as np
 import pytest
+from conftest import one_step_config
 
 from vispo.data.sample import Sample, SampleDataset
 from vispo.rewards import RewardRunner
 from vispo.train import batch as B
-from vispo.train.config import load_config
 from vispo.train.trainer import Trainer
 
 
@@ -27,23 +27,8 @@ def _data(images):
 
 
 def _trainer(tmp_path, arch, preset, images, *extra):
-    cfg = load_config(
-        None,
-        [
-            f"objective.name={preset}",
-            f"model.name_or_path=tiny:{arch}",
-            "data.eval_size=0",
-            "train.steps=1",
-            "train.prompts_per_step=2",
-            "rollout.n=2",
-            "rollout.max_new_tokens=4",
-            f"train.out_dir={tmp_path}",
-            "logging.progress=false",
-            "optim.lr=1e-3",
-            "train.samples_every=1",
-            "train.save_every=0",
-            *extra,
-        ],
+    cfg = one_step_config(
+        tmp_path, preset, "optim.lr=1e-3", "train.samples_every=1", *extra, arch=arch
     )
     return Trainer(
         cfg, train_data=_data(images), reward_fn=RewardRunner(parity_reward, num_workers=0)
