@@ -80,7 +80,13 @@ def make_conversation():
     return make
 
 
-def one_step_config(out_dir, preset: str, *extra: str, arch: str = "qwen2_vl"):
+@pytest.fixture(scope="session")
+def one_step_config():
+    """Factory ``one_step_config(out_dir, preset, *extra, arch=...)``: see :func:`_one_step`."""
+    return _one_step
+
+
+def _one_step(out_dir, preset: str, *extra: str, arch: str = "qwen2_vl"):
     """The config of a one-step run of a tiny model (2 prompts x 2 responses of at most 4
     tokens, no held-out set, no checkpoints): the shared settings, then ``extra`` overrides."""
     from vispo.train.config import load_config

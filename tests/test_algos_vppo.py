@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import one_step_config
 from PIL import Image
 
 from vispo.algos import (
@@ -286,7 +285,9 @@ def test_on_policy_single_micro_batch_reweights_inside_the_objective():
 
 
 @pytest.mark.parametrize("micro,expect", [(None, [1]), ("2", [2])])
-def test_vppo_needs_no_pass_beyond_papo_in_one_micro_batch(tmp_path, monkeypatch, micro, expect):
+def test_vppo_needs_no_pass_beyond_papo_in_one_micro_batch(
+    tmp_path, monkeypatch, micro, expect, one_step_config
+):
     """The no-grad scoring call runs only the masked pass (as PAPO-G) when the update is one
     micro-batch; with several micro-batches it adds the old-policy pass (stacked with it)."""
     import vispo.train.update as U

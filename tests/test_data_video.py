@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from conftest import one_step_config
 from PIL import Image
 
 from vispo.data.sample import DataError, SampleDataset
@@ -38,7 +37,7 @@ def parity_reward(completions, answers, **columns):
     return [float(len(c) % 2 == 0) for c in completions]
 
 
-def test_a_video_row_trains_with_papo(tmp_path, sample_images):
+def test_a_video_row_trains_with_papo(tmp_path, sample_images, one_step_config):
     rows = [
         video_sample(
             f"v{i}", [sample_images[(i + k) % 4] for k in range(6)], "Moving?", "no", num_frames=3

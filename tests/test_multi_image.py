@@ -4,7 +4,6 @@ tiny models; the samples page shows every image."""
 
 import numpy as np
 import pytest
-from conftest import one_step_config
 
 from vispo.data.sample import Sample, SampleDataset
 from vispo.rewards import RewardRunner
@@ -26,7 +25,7 @@ def _data(images):
     return SampleDataset(rows)
 
 
-def _trainer(tmp_path, arch, preset, images, *extra):
+def _trainer(one_step_config, tmp_path, arch, preset, images, *extra):
     cfg = one_step_config(
         tmp_path, preset, "optim.lr=1e-3", "train.samples_every=1", *extra, arch=arch
     )
@@ -51,8 +50,10 @@ CASES = [
 @pytest.mark.parametrize(
     "preset,extra,variants", CASES, ids=[c[0] if not c[1] else "noisy" for c in CASES]
 )
-def test_every_image_of_a_row_is_perturbed(tmp_path, sample_images, arch, preset, extra, variants):
-    trainer = _trainer(tmp_path, arch, preset, sample_images, *extra)
+def test_every_image_of_a_row_is_perturbed(
+    tmp_path, sample_images, arch, preset, extra, variants, one_step_config
+):
+    trainer = _trainer(one_step_config, tmp_path, arch, preset, sample_images, *extra)
     noised = []
     original = B.noised_images
 
